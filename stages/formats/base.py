@@ -1,0 +1,46 @@
+"""The interface every output format implements (one module per format in ``stages/formats/``).
+
+A format sees frames one at a time in ``convert_frame`` (inside a batch task, possibly on another machine)
+and all rows at once in ``merge``. Rows are plain dicts of JSON-able scalars/lists; the convert stage stores
+them per batch as Arrow IPC files, one file per table name, and hands ``merge`` one concatenated
+``pyarrow.Table`` per table name. Nothing outside the format module knows its file layout or row schema.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+from stages.model import LoadedFrame
+
+if TYPE_CHECKING:
+    from stages.plan import ExportPlan
+    from stages.request import ExportRequest
+
+
+class OutputFormat(ABC):
+    name: ClassVar[str]  # the request's export_format value, e.g. "nuscenes_v1.0"
+    mapping_name: ClassVar[str | None] = None  # configs/mappings/<name>.yaml, loaded into plan.mappings
+
+    def __init__(self, plan: "ExportPlan", output_dir: Path):
+        self.plan = plan
+        self.output_dir = Path(output_dir)
+
+    @classmethod
+    def check_request(cls, request: "ExportRequest") -> None:
+        """Raise ``ValueError`` with a user-facing reason when the request makes no sense for this format
+        (e.g. a coordinate_system the format cannot express). Called by discover and by the API (→ 422)."""
+
+    @abstractmethod
+    def convert_frame(self, frame: LoadedFrame) -> dict[str, list[dict[str, Any]]]:
+        """Write this frame's sensor files under ``output_dir`` and return its rows per table name.
+
+        Must be idempotent: converting the same frame again overwrites the same files.
+        """
+
+    @abstractmethod
+    def merge(self, tables: dict[str, pa.Table]) -> dict[str, int]:
+        """Link rows across frames, write the format's final tables under ``output_dir``; return counts
+        (at least ``frames`` and ``annotations``)."""

@@ -1,0 +1,155 @@
+"""The one home of geometry: poses, quaternion order, box conventions, points-in-box counting.
+
+Conventions used everywhere in this project:
+- Quaternions are **[w, x, y, z]** numpy arrays (nuScenes order). Sources convert on read.
+- A ``Pose`` maps points from its child frame into its parent frame: ``p_parent = R @ p_child + t``.
+  E.g. a sensor calibration is sensor→ego, an ego pose is ego→global.
+- A box has ``center`` (3,), ``size`` = (length, width, height) in metres, and ``rotation`` [w,x,y,z]; the box's
+  own x axis is its length/heading axis. (nuScenes stores ``size`` as [w, l, h]; only the nuScenes writer swaps.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def quat_to_matrix(q: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a [w, x, y, z] quaternion (normalised first)."""
+    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def matrix_to_quat(m: np.ndarray) -> np.ndarray:
+    """[w, x, y, z] unit quaternion of a rotation matrix, with w >= 0 (a canonical sign, for stable output)."""
+    m = np.asarray(m, dtype=np.float64)
+    tr = m[0, 0] + m[1, 1] + m[2, 2]
+    if tr > 0:
+        s = np.sqrt(tr + 1.0) * 2
+        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
+    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
+        s = np.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
+        q = [(m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
+    elif m[1, 1] > m[2, 2]:
+        s = np.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
+        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s]
+    else:
+        s = np.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
+        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s]
+    q = np.asarray(q)
+    q /= np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
+def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product a*b of [w, x, y, z] quaternions (apply b first, then a)."""
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return np.array([
+        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
+    ])
+
+
+def quat_from_xyzw(x: float, y: float, z: float, w: float) -> np.ndarray:
+    """[w, x, y, z] from the scalar-last components NextPoints writes."""
+    return np.array([w, x, y, z], dtype=np.float64)
+
+
+def euler_xyz_to_quat(rx: float, ry: float, rz: float) -> np.ndarray:
+    """[w, x, y, z] of R = Rx(rx) · Ry(ry) · Rz(rz) (radians), the SUSTechPOINTS / legacy NextPoints convention."""
+    cx, sx = np.cos(rx), np.sin(rx)
+    cy, sy = np.cos(ry), np.sin(ry)
+    cz, sz = np.cos(rz), np.sin(rz)
+    rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return matrix_to_quat(rot_x @ rot_y @ rot_z)
+
+
+def yaw_of(q: np.ndarray) -> float:
+    """Heading (rotation about z) of the box x axis, in radians in (-pi, pi]."""
+    m = quat_to_matrix(q)
+    return float(np.arctan2(m[1, 0], m[0, 0]))
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A rigid transform child→parent: ``p_parent = rotation_matrix @ p_child + translation``."""
+
+    translation: np.ndarray  # (3,) metres
+    rotation: np.ndarray  # (4,) [w, x, y, z]
+
+    @staticmethod
+    def identity() -> "Pose":
+        return Pose(np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0]))
+
+    @staticmethod
+    def from_matrix(m: np.ndarray) -> "Pose":
+        m = np.asarray(m, dtype=np.float64)
+        return Pose(m[:3, 3].copy(), matrix_to_quat(m[:3, :3]))
+
+    def matrix(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = quat_to_matrix(self.rotation)
+        m[:3, 3] = self.translation
+        return m
+
+    def inverse(self) -> "Pose":
+        r = quat_to_matrix(self.rotation)
+        return Pose(-r.T @ self.translation, matrix_to_quat(r.T))
+
+    def compose(self, inner: "Pose") -> "Pose":
+        """self ∘ inner: first apply ``inner`` then ``self`` (e.g. ego→global ∘ sensor→ego = sensor→global)."""
+        return Pose.from_matrix(self.matrix() @ inner.matrix())
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Transform an (N, 3) array of points from child to parent frame (vectorised)."""
+        r = quat_to_matrix(self.rotation)
+        return np.asarray(points, dtype=np.float64) @ r.T + self.translation
+
+    def is_identity(self, tol: float = 1e-9) -> bool:
+        return bool(np.allclose(self.matrix(), np.eye(4), atol=tol))
+
+
+def box_to_parent(pose: Pose, center: np.ndarray, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and [w,x,y,z] rotation of a box expressed in ``pose``'s parent frame."""
+    new_center = quat_to_matrix(pose.rotation) @ np.asarray(center, dtype=np.float64) + pose.translation
+    new_rot = quat_multiply(pose.rotation, np.asarray(rotation, dtype=np.float64))
+    new_rot /= np.linalg.norm(new_rot)
+    return new_center, new_rot
+
+
+def points_in_boxes(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarray,
+                    rotations: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """Number of points inside each box, vectorised over all boxes and points.
+
+    ``points`` (N, >=3), ``centers`` (B, 3), ``sizes_lwh`` (B, 3) as (length, width, height), ``rotations`` (B, 4)
+    [w,x,y,z]. Points are rotated into each box's frame and tested with closed bounds ``|p| <= size/2``, the same
+    inclusive test as ``nuscenes.utils.geometry_utils.points_in_box``. Memory is bounded by processing points in
+    chunks of ``chunk``.
+    """
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
+    n_boxes = centers.shape[0]
+    counts = np.zeros(n_boxes, dtype=np.int64)
+    if n_boxes == 0 or len(points) == 0:
+        return counts
+    half = np.asarray(sizes_lwh, dtype=np.float64).reshape(-1, 3) / 2.0
+    rots = np.stack([quat_to_matrix(q) for q in np.asarray(rotations, dtype=np.float64).reshape(-1, 4)])  # (B,3,3)
+    xyz_all = np.asarray(points[:, :3], dtype=np.float64)
+    # Cheap reject: bounding sphere per box, so each chunk only rotates points near some box.
+    radius = np.linalg.norm(half, axis=1)
+    for start in range(0, len(xyz_all), chunk):
+        xyz = xyz_all[start:start + chunk]
+        rel = xyz[None, :, :] - centers[:, None, :]  # (B, n, 3)
+        near = np.einsum("bni,bni->bn", rel, rel) <= (radius ** 2)[:, None]
+        local = np.einsum("bji,bnj->bni", rots, rel)  # R^T @ rel for each box
+        inside = np.all(np.abs(local) <= half[:, None, :], axis=2) & near
+        counts += inside.sum(axis=1)
+    return counts

@@ -1,0 +1,66 @@
+"""The interface every input layout implements (one module per layout in ``stages/sources/``)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stages.geometry import Pose
+from stages.model import BoxLabel, FrameRef, SensorCalib
+
+
+class ProjectSource(ABC):
+    """A project folder read as frames + calibration in the internal model.
+
+    ``settings`` are per-project source settings (e.g. SUSTechPOINTS' lidar axis convention); each layout
+    documents the keys it reads and rejects unknown ones.
+    """
+
+    layout: ClassVar[str]  # "nextpoints" | "sustech"
+
+    def __init__(self, project_dir: Path, settings: dict[str, Any] | None = None):
+        self.project_dir = Path(project_dir)
+        self.settings = dict(settings or {})
+
+    @property
+    def project_name(self) -> str:
+        """The recording's name (used for scene/log names); layouts with a fixed inner folder override it."""
+        return self.project_dir.resolve().name
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, project_dir: Path) -> bool:
+        """True when ``project_dir`` looks like this layout (by its folders, nothing is parsed)."""
+
+    @property
+    @abstractmethod
+    def main_lidar(self) -> str:
+        """The source channel whose frames define the recording (e.g. "lidar-fusion")."""
+
+    @abstractmethod
+    def calibration(self) -> dict[str, SensorCalib]:
+        """Every sensor's calibration, keyed by source channel name; the main lidar is always present."""
+
+    @abstractmethod
+    def frames(self) -> list[FrameRef]:
+        """All frames, sorted by time. Reads directory listings only."""
+
+    @abstractmethod
+    def read_points(self, frame: FrameRef) -> np.ndarray:
+        """Main-lidar points of ``frame``: (N, 5) float32 x, y, z, intensity, ring (0 when absent), lidar frame.
+
+        Raises ``PointCloudError`` naming the frame and file when the file is missing or unreadable.
+        """
+
+    @abstractmethod
+    def read_ego_pose(self, frame: FrameRef) -> Pose | None:
+        """ego→global pose of ``frame``, or None when the frame has no pose file."""
+
+    @abstractmethod
+    def read_labels(self, frame: FrameRef) -> list[BoxLabel]:
+        """Boxes of ``frame`` in the main lidar frame; [] when the frame has no label file.
+
+        Raises ``InputError`` naming the frame and file for a malformed label.
+        """
