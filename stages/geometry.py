@@ -127,29 +127,30 @@ def box_to_parent(pose: Pose, center: np.ndarray, rotation: np.ndarray) -> tuple
 
 
 def points_in_boxes(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarray,
-                    rotations: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
-    """Number of points inside each box, vectorised over all boxes and points.
+                    rotations: np.ndarray) -> np.ndarray:
+    """Number of points inside each box, vectorised over points.
 
     ``points`` (N, >=3), ``centers`` (B, 3), ``sizes_lwh`` (B, 3) as (length, width, height), ``rotations`` (B, 4)
     [w,x,y,z]. Points are rotated into each box's frame and tested with closed bounds ``|p| <= size/2``, the same
-    inclusive test as ``nuscenes.utils.geometry_utils.points_in_box``. Memory is bounded by processing points in
-    chunks of ``chunk``.
+    inclusive test as ``nuscenes.utils.geometry_utils.points_in_box``.
+
+    Points are sorted by x once; each box then only looks at the x-slice within its bounding-sphere radius
+    (a binary search) and rotates only the points inside its bounding cube, so the cost is
+    O(N log N + sum of points near each box) rather than O(N · B).
     """
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
-    n_boxes = centers.shape[0]
-    counts = np.zeros(n_boxes, dtype=np.int64)
-    if n_boxes == 0 or len(points) == 0:
+    counts = np.zeros(centers.shape[0], dtype=np.int64)
+    if centers.shape[0] == 0 or len(points) == 0:
         return counts
     half = np.asarray(sizes_lwh, dtype=np.float64).reshape(-1, 3) / 2.0
-    rots = np.stack([quat_to_matrix(q) for q in np.asarray(rotations, dtype=np.float64).reshape(-1, 4)])  # (B,3,3)
-    xyz_all = np.asarray(points[:, :3], dtype=np.float64)
-    # Cheap reject: bounding sphere per box, so each chunk only rotates points near some box.
     radius = np.linalg.norm(half, axis=1)
-    for start in range(0, len(xyz_all), chunk):
-        xyz = xyz_all[start:start + chunk]
-        rel = xyz[None, :, :] - centers[:, None, :]  # (B, n, 3)
-        near = np.einsum("bni,bni->bn", rel, rel) <= (radius ** 2)[:, None]
-        local = np.einsum("bji,bnj->bni", rots, rel)  # R^T @ rel for each box
-        inside = np.all(np.abs(local) <= half[:, None, :], axis=2) & near
-        counts += inside.sum(axis=1)
+    xyz = np.asarray(points[:, :3], dtype=np.float64)
+    xyz = xyz[np.argsort(xyz[:, 0], kind="stable")]
+    lo = np.searchsorted(xyz[:, 0], centers[:, 0] - radius, side="left")
+    hi = np.searchsorted(xyz[:, 0], centers[:, 0] + radius, side="right")
+    for b, q in enumerate(np.asarray(rotations, dtype=np.float64).reshape(-1, 4)):
+        rel = xyz[lo[b]:hi[b]] - centers[b]
+        rel = rel[np.all(np.abs(rel[:, 1:]) <= radius[b], axis=1)]
+        local = rel @ quat_to_matrix(q)  # row-vector form of R^T @ rel
+        counts[b] = int(np.count_nonzero(np.all(np.abs(local) <= half[b], axis=1)))
     return counts

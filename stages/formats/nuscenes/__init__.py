@@ -1,0 +1,86 @@
+"""The nuScenes v1.0 output format (``export_format: nuscenes_v1.0``).
+
+Dataset tree written under the export's output folder (the nuScenes ``dataroot``)::
+
+    <version>/{attribute,calibrated_sensor,category,ego_pose,instance,log,map,sample,sample_annotation,
+               sample_data,scene,sensor,visibility}.json + splits.json     merge
+    samples/<CHANNEL>/<project>__<CHANNEL>__<timestamp_us>.{pcd.bin,jpg}     convert, key frames
+    sweeps/<CHANNEL>/...                                                    convert, non-key frames
+    maps/<map_token>.png                                                    merge (a 1×1 semantic prior)
+
+One project is one nuScenes log and one scene, named after the project. Modules: ``convert.py`` (per-frame
+files and rows), ``tables.py`` (links and table writing), ``mapping.py`` (``configs/mappings/nuscenes.yaml``),
+``vocabulary.py`` (official names), ``tokens.py`` (deterministic tokens). The rules this follows are in
+``../shared/docs/nuscenes-rules.md``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from stages.formats.base import OutputFormat
+from stages.formats.nuscenes.convert import FrameConverter
+from stages.formats.nuscenes.mapping import NuScenesMapping
+from stages.formats.nuscenes.tables import TableBuilder, apply_precision, write_dataset
+from stages.model import LoadedFrame
+from stages.request import CoordinateSystem
+
+if TYPE_CHECKING:
+    from stages.plan import ExportPlan
+    from stages.request import ExportRequest
+
+__all__ = ["NuScenesFormat"]
+
+
+class NuScenesFormat(OutputFormat):
+    name = "nuscenes_v1.0"
+    mapping_name = "nuscenes"
+
+    def __init__(self, plan: "ExportPlan", output_dir: Path):
+        super().__init__(plan, output_dir)
+        self.mapping = NuScenesMapping.from_dict(plan.mappings)
+        self.channel_map, self.skipped_channels = self.mapping.channel_map(plan.calibration, plan.main_lidar)
+        self._converter: FrameConverter | None = None
+
+    @classmethod
+    def check_request(cls, request: "ExportRequest") -> None:
+        if request.coordinate_system == CoordinateSystem.lidar:
+            raise ValueError("nuScenes stores boxes in the global frame and sensor data in the sensor frame; "
+                             "coordinate_system 'lidar' has no meaning here, use 'global' or 'ego_vehicle'")
+
+    @property
+    def converter(self) -> FrameConverter:
+        if self._converter is None:
+            opts = self.plan.request.export_options
+            self._converter = FrameConverter(
+                project=self.plan.project_name, output_dir=self.output_dir, mapping=self.mapping,
+                channel_map=self.channel_map, calibration=self.plan.calibration, main_lidar=self.plan.main_lidar,
+                include_pointcloud=opts.include_pointcloud, include_images=opts.include_images)
+        return self._converter
+
+    def convert_frame(self, frame: LoadedFrame) -> dict[str, list[dict[str, Any]]]:
+        """Write the frame's lidar file (``samples/`` or ``sweeps/``) and camera JPEGs; return its rows."""
+        return self.converter.convert(frame)
+
+    def merge(self, tables: dict[str, pa.Table]) -> dict[str, int]:
+        """Link and write the tables under ``<output_dir>/<request.version>/``; returns counts (frames, samples,
+        sample_data, annotations, instances, dropped_unknown_types and per-type ``dropped_unknown_type.<t>``,
+        skipped channels, missing images, attributes...)."""
+        plan = self.plan
+        builder = TableBuilder(
+            project=plan.project_name, frame_order={f.frame_id: i for i, f in enumerate(plan.frames)},
+            first_timestamp_us=min(f.timestamp_us for f in plan.frames), mapping=self.mapping,
+            channel_map=self.channel_map, skipped_channels=self.skipped_channels, calibration=plan.calibration)
+        out = builder.build(tables)
+        apply_precision(out, plan.request.export_options.coordinate_precision)
+        write_dataset(self.output_dir, plan.request.version, out,
+                      {self.mapping.split_name: [scene["name"] for scene in out["scene"]]})
+        counts = dict(builder.counts)
+        counts["frames"] = len(plan.frames)
+        counts["scenes"] = len(out["scene"])
+        if plan.request.export_options.include_images:
+            counts["missing_images"] = sum(1 for f in plan.frames for ch, path in f.cameras.items()
+                                           if path is None and ch in self.channel_map)
+        return dict(sorted(counts.items()))

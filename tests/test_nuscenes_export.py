@@ -1,0 +1,440 @@
+"""A NextPoints project exported to nuScenes v1.0 loads in the nuScenes devkit and gives back its labels.
+
+The devkit is the reference throughout: ``NuScenes`` loads the tables, ``get_sample_data`` puts each box back
+into the lidar frame, ``points_in_box`` recounts points, ``DetectionEval`` scores the ground truth. Source labels
+are read here straight from the project's JSON files (quaternions via pyquaternion), not through the exporter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nuscenes import NuScenes
+from nuscenes.eval.common.config import config_factory
+from nuscenes.eval.detection.evaluate import DetectionEval
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.utils.data_classes import LidarPointCloud
+from nuscenes.utils.geometry_utils import points_in_box
+from PIL import Image
+from pyquaternion import Quaternion
+
+from stages.errors import InputError
+from stages.formats.nuscenes import NuScenesFormat
+from stages.formats.nuscenes.mapping import NuScenesMapping
+from stages.mappings import load_mapping
+from stages.pcd import read_points_xyzir
+from stages.request import ExportOptions, ExportRequest
+from stages.serial import SerialRun, run_serial
+from stages.synth import FIRST_TIMESTAMP_NS, FRAME_STEP_NS
+
+VERSION = "v1.0-trainval"
+SPLIT = "export"  # the custom split the exporter writes into splits.json
+TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
+          "sample_annotation", "sample_data", "scene", "sensor", "visibility")
+CAMERAS = {"camera-front": "CAM_FRONT", "camera-front-left": "CAM_FRONT_LEFT", "camera-front-right": "CAM_FRONT_RIGHT",
+           "camera-back": "CAM_BACK", "camera-back-left": "CAM_BACK_LEFT", "camera-back-right": "CAM_BACK_RIGHT"}
+# What the synthetic project's types must become (written out here, independently of the YAML).
+EXPECTED_CATEGORY = {"car": "vehicle.car", "van": "vehicle.car", "pickup": "vehicle.truck", "truck": "vehicle.truck",
+                     "bus": "vehicle.bus.rigid", "trailer": "vehicle.trailer",
+                     "construction_vehicle": "vehicle.construction", "motorcycle": "vehicle.motorcycle",
+                     "bicycle": "vehicle.bicycle", "pedestrian": "human.pedestrian.adult",
+                     "traffic_cone": "movable_object.trafficcone", "barrier": "movable_object.barrier"}
+OFFICIAL_ATTRIBUTES = {"vehicle.moving", "vehicle.stopped", "vehicle.parked", "cycle.with_rider",
+                       "cycle.without_rider", "pedestrian.moving", "pedestrian.standing",
+                       "pedestrian.sitting_lying_down"}
+STEM = [str(FIRST_TIMESTAMP_NS + i * FRAME_STEP_NS) for i in range(40)]  # synth frame ids by index
+
+
+def export(project: Path, dest: Path, batch_size: int = 50, **options) -> SerialRun:
+    request = ExportRequest(export_options=ExportOptions(compress_output=False, **options))
+    return run_serial(project, dest, request, batch_size=batch_size)
+
+
+# -- the source labels, read independently -----------------------------------------------------------------------
+
+def source_boxes(project: Path) -> dict[int, list[dict]]:
+    """timestamp_us -> boxes of that frame's label file: centre, (l, w, h), pyquaternion rotation, in the lidar
+    frame. Legacy Euler rotations are composed as Rx·Ry·Rz."""
+    out = {}
+    for label in sorted((project / "label").glob("*.json")):
+        boxes = []
+        for obj in json.loads(label.read_text()):
+            p, s, r = obj["psr"]["position"], obj["psr"]["scale"], obj["psr"]["rotation"]
+            if "w" in r:
+                q = Quaternion(r["w"], r["x"], r["y"], r["z"])
+            else:
+                q = (Quaternion(axis=[1, 0, 0], angle=r["x"]) * Quaternion(axis=[0, 1, 0], angle=r["y"])
+                     * Quaternion(axis=[0, 0, 1], angle=r["z"]))
+            boxes.append({"obj_id": obj["obj_id"], "obj_type": obj["obj_type"], "center": np.array([p["x"], p["y"], p["z"]]),
+                          "lwh": np.array([s["x"], s["y"], s["z"]]), "q": q.normalised})
+        out[int(label.stem) // 1000] = boxes
+    return out
+
+
+def rotation_angle(a: Quaternion, b: Quaternion) -> float:
+    """Angle (rad) of the rotation taking ``a`` to ``b``."""
+    return abs((a.inverse * b).normalised.radians) % (2 * np.pi)
+
+
+def attribute_family(category: str) -> str | None:
+    """Which official attribute family applies to a category (nuScenes annotator instructions)."""
+    if category in ("vehicle.bicycle", "vehicle.motorcycle"):
+        return "cycle"
+    if category.startswith("vehicle."):
+        return "vehicle"
+    if category.startswith("human.pedestrian."):
+        return "pedestrian"
+    return None
+
+
+# -- exports shared by the module --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exports(synth_project, synth_project_rotated, tmp_path_factory) -> dict[str, tuple[Path, Path, SerialRun]]:
+    root = tmp_path_factory.mktemp("nuscenes-exports")
+    out = {}
+    for preset, project in (("default", synth_project), ("rotated_lidar", synth_project_rotated)):
+        dest = root / preset
+        out[preset] = (project, dest, export(project, dest))
+    return out
+
+
+@pytest.fixture(scope="module", params=["default", "rotated_lidar"])
+def exported(request, exports) -> tuple[Path, Path, SerialRun, NuScenes]:
+    project, dest, run = exports[request.param]
+    return project, dest, run, NuScenes(VERSION, str(dest), verbose=False)
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+
+def test_export_loads_in_the_devkit_and_passes_assert_download(exported):
+    project, dest, run, nusc = exported
+    assert sorted(p.stem for p in (dest / VERSION).glob("*.json")) == sorted([*TABLES, "splits"])
+    assert len(nusc.scene) == 1 and nusc.scene[0]["name"] == project.parent.name
+    assert len(nusc.sample) == 20
+    result = subprocess.run([sys.executable, "-m", "nuscenes.tests.assert_download", "--dataroot", str(dest),
+                             "--version", VERSION, "--verbose", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {c["name"] for c in nusc.category} >= set(EXPECTED_CATEGORY.values())
+    assert len(nusc.category) == 23 and {a["name"] for a in nusc.attribute} == OFFICIAL_ATTRIBUTES
+    assert {s["channel"] for s in nusc.sensor} == {"LIDAR_TOP", *CAMERAS.values()}
+
+
+def test_every_lidar_file_loads_and_keeps_every_point_in_the_sensor_frame(exported):
+    project, dest, run, nusc = exported
+    lidar = [sd for sd in nusc.sample_data if sd["channel"] == "LIDAR_TOP"]
+    clouds = {int(p.stem) // 1000: p for p in (project / "lidar" / "lidar-fusion").glob("*.pcd")}
+    assert len(lidar) == len(clouds) == 20
+    for sd in lidar:
+        assert sd["filename"].startswith("samples/LIDAR_TOP/") and sd["filename"].endswith(".pcd.bin")
+        assert sd["fileformat"] == "pcd" and sd["width"] == 0 and sd["height"] == 0
+        cloud = LidarPointCloud.from_file(str(dest / sd["filename"]))
+        source = read_points_xyzir(clouds[sd["timestamp"]])
+        assert cloud.points.shape == (4, len(source))
+        np.testing.assert_array_equal(cloud.points[:3].T, source[:, :3])
+
+
+def test_every_box_comes_back_in_the_lidar_frame_as_labelled(exported):
+    project, dest, run, nusc = exported
+    labels = source_boxes(project)
+    assert len(labels) == 19  # frame 2 has no label file
+    obj_of_instance: dict[str, set[str]] = defaultdict(set)
+    checked = 0
+    for sample in nusc.sample:
+        _, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        source = labels.get(sample["timestamp"], [])
+        assert len(boxes) == len(source) == len(sample["anns"])
+        centers = np.array([b["center"] for b in source]).reshape(-1, 3)
+        for box in boxes:
+            match = int(np.argmin(np.linalg.norm(centers - box.center, axis=1)))
+            src = source[match]
+            np.testing.assert_allclose(box.center, src["center"], atol=1e-3)
+            np.testing.assert_allclose(box.wlh, src["lwh"][[1, 0, 2]], atol=1e-3)  # nuScenes size is w, l, h
+            assert rotation_angle(box.orientation, src["q"]) < 1e-4
+            yaw_diff = box.orientation.yaw_pitch_roll[0] - src["q"].yaw_pitch_roll[0]
+            assert abs(np.arctan2(np.sin(yaw_diff), np.cos(yaw_diff))) < 1e-4
+            ann = nusc.get("sample_annotation", box.token)
+            assert ann["category_name"] == EXPECTED_CATEGORY[src["obj_type"]]
+            obj_of_instance[ann["instance_token"]].add(src["obj_id"])
+            checked += 1
+    assert checked == len(nusc.sample_annotation) == run.merged.annotations > 500
+    # an instance is one labelled object, and one object is one instance
+    assert all(len(ids) == 1 for ids in obj_of_instance.values())
+    assert len({next(iter(ids)) for ids in obj_of_instance.values()}) == len(nusc.instance)
+
+
+def test_num_lidar_pts_recounted_with_points_in_box(exported):
+    project, dest, run, nusc = exported
+    for sample in nusc.sample:
+        path, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        xyz = LidarPointCloud.from_file(path).points[:3]
+        for box in boxes:
+            ann = nusc.get("sample_annotation", box.token)
+            assert int(points_in_box(box, xyz).sum()) == ann["num_lidar_pts"] > 0
+            assert ann["num_radar_pts"] == 0
+
+
+def test_every_camera_sample_data_carries_its_image_and_real_size(exported):
+    project, dest, run, nusc = exported
+    cameras = [sd for sd in nusc.sample_data if sd["sensor_modality"] == "camera"]
+    assert len(cameras) == 6 * 20 - 1  # frame 4 misses one image
+    for sd in cameras:
+        assert sd["fileformat"] == "jpg" and sd["filename"].startswith(f"samples/{sd['channel']}/")
+        with Image.open(dest / sd["filename"]) as im:
+            assert im.format == "JPEG" and (sd["width"], sd["height"]) == im.size == (640, 360)
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        assert np.asarray(cs["camera_intrinsic"]).shape == (3, 3)
+
+
+def test_chains_links_and_counts_are_consistent(exported):
+    project, dest, run, nusc = exported
+    scene = nusc.scene[0]
+    # samples: one chain through the scene, in time order
+    chain, token = [], scene["first_sample_token"]
+    while token:
+        chain.append(nusc.get("sample", token))
+        token = chain[-1]["next"]
+    assert len(chain) == scene["nbr_samples"] == len(nusc.sample) == run.merged.counts["samples"]
+    assert chain[-1]["token"] == scene["last_sample_token"] and chain[0]["prev"] == ""
+    assert all(b["prev"] == a["token"] and b["timestamp"] > a["timestamp"] for a, b in zip(chain, chain[1:]))
+    # sample_data: one chain per channel; one key frame per (sample, channel); one ego pose each, same time
+    by_channel = defaultdict(list)
+    for sd in nusc.sample_data:
+        by_channel[sd["channel"]].append(sd)
+        assert sd["is_key_frame"] is True
+        assert nusc.get("ego_pose", sd["ego_pose_token"])["timestamp"] == sd["timestamp"]
+        assert nusc.get("sample", sd["sample_token"])["timestamp"] == sd["timestamp"]
+    for channel, rows in by_channel.items():
+        walked, token = [], next(sd["token"] for sd in rows if sd["prev"] == "")
+        while token:
+            walked.append(nusc.get("sample_data", token))
+            token = walked[-1]["next"]
+        assert len(walked) == len(rows), channel
+    assert len({sd["ego_pose_token"] for sd in nusc.sample_data}) == len(nusc.ego_pose) == len(nusc.sample_data)
+    per_sample_channel = Counter((sd["sample_token"], sd["channel"]) for sd in nusc.sample_data if sd["is_key_frame"])
+    assert set(per_sample_channel.values()) == {1}
+    # annotations: one chain per instance
+    for inst in nusc.instance:
+        walked, token = [], inst["first_annotation_token"]
+        while token:
+            walked.append(nusc.get("sample_annotation", token))
+            token = walked[-1]["next"]
+        assert len(walked) == inst["nbr_annotations"] and walked[-1]["token"] == inst["last_annotation_token"]
+        assert all(a["instance_token"] == inst["token"] for a in walked)
+        assert all(b["prev"] == a["token"] for a, b in zip(walked, walked[1:]))
+    assert sum(i["nbr_annotations"] for i in nusc.instance) == len(nusc.sample_annotation)
+    # at most one official attribute per annotation, of the category's family
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    for ann in nusc.sample_annotation:
+        names = [attr_name[t] for t in ann["attribute_tokens"]]
+        family = attribute_family(ann["category_name"])
+        assert [n.split(".")[0] for n in names] == ([family] if family else [])
+        assert ann["visibility_token"] == "4"
+    # tokens: 32 hex everywhere
+    for table in TABLES:
+        if table != "visibility":
+            assert all(len(r["token"]) == 32 and int(r["token"], 16) >= 0 for r in getattr(nusc, table))
+    counts = run.merged.counts
+    assert counts["annotations"] == len(nusc.sample_annotation) and counts["instances"] == len(nusc.instance)
+    assert counts["sample_data"] == len(nusc.sample_data) and counts["frames"] == 20
+    assert counts["dropped_unknown_types"] == 0 and counts["missing_images"] == 1
+
+
+def test_static_vehicles_are_parked_moving_traffic_moving_and_walkers_moving(exports):
+    project, dest, run = exports["default"]
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    static = {(int(f.stem) // 1000, o["obj_id"]) for f in (project / "label").glob("*.json")
+              for o in json.loads(f.read_text()) if o.get("obj_attr") == "static"}
+    labels = source_boxes(project)
+    seen = Counter()
+    for sample in nusc.sample:
+        _, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        source = labels.get(sample["timestamp"], [])
+        centers = np.array([b["center"] for b in source]).reshape(-1, 3)
+        for box in boxes:
+            src = source[int(np.argmin(np.linalg.norm(centers - box.center, axis=1)))]
+            ann = nusc.get("sample_annotation", box.token)
+            names = [attr_name[t] for t in ann["attribute_tokens"]]
+            family = attribute_family(ann["category_name"])
+            # synth: static rows are parked; traffic keeps pace with the ego (~8 m/s); people walk at ~1.2 m/s;
+            # bicycles ride without riders
+            expected = {"vehicle": "vehicle.parked" if (sample["timestamp"], src["obj_id"]) in static
+                        else "vehicle.moving", "pedestrian": "pedestrian.moving",
+                        "cycle": "cycle.without_rider", None: None}[family]
+            assert names == ([expected] if expected else []), (src, names)
+            seen.update(names)
+    assert seen["vehicle.parked"] and seen["vehicle.moving"] and seen["pedestrian.moving"]
+    assert seen["cycle.without_rider"]
+
+
+# -- the detection eval -------------------------------------------------------------------------------------------
+
+def test_detection_eval_of_the_ground_truth_gives_ap_1(exports, tmp_path):
+    project, dest, run = exports["default"]
+    assert json.loads((dest / VERSION / "splits.json").read_text()) == {SPLIT: [project.parent.name]}
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    results = {}
+    for sample in nusc.sample:
+        boxes = []
+        for token in sample["anns"]:
+            ann = nusc.get("sample_annotation", token)
+            name = category_to_detection_name(ann["category_name"])
+            if name is None:
+                continue
+            boxes.append({"sample_token": sample["token"], "translation": ann["translation"], "size": ann["size"],
+                          "rotation": ann["rotation"], "velocity": list(nusc.box_velocity(token)[:2]),
+                          "detection_name": name, "detection_score": 1.0,
+                          "attribute_name": attr_name[ann["attribute_tokens"][0]] if ann["attribute_tokens"] else ""})
+        results[sample["token"]] = boxes
+    result_path = tmp_path / "results.json"
+    result_path.write_text(json.dumps({"meta": {"use_camera": False, "use_lidar": True, "use_radar": False,
+                                                "use_map": False, "use_external": False}, "results": results}))
+    evaluation = DetectionEval(nusc, config_factory("detection_cvpr_2019"), str(result_path), eval_set=SPLIT,
+                               output_dir=str(tmp_path / "eval"), verbose=False)
+    metrics, _ = evaluation.evaluate()
+    present = {b.detection_name for b in evaluation.gt_boxes.all}
+    assert present >= {"car", "truck", "bus", "pedestrian", "bicycle", "motorcycle", "traffic_cone", "barrier"}
+    for name in present:
+        assert metrics.mean_dist_aps[name] == pytest.approx(1.0), name
+
+
+# -- determinism --------------------------------------------------------------------------------------------------
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def test_exporting_twice_gives_byte_identical_tables_and_files(exports, tmp_path):
+    project, dest, _ = exports["default"]
+    export(project, tmp_path / "again", batch_size=7)  # other batches, same dataset
+    first, second = _digests(dest), _digests(tmp_path / "again")
+    assert [f"{VERSION}/{t}.json" for t in TABLES] == [k for k in first if k.startswith(VERSION) and "splits" not in k]
+    assert first == second
+
+
+# -- real-data quirks and malformed input -------------------------------------------------------------------------
+
+def test_missing_label_gives_an_empty_sample_and_missing_image_drops_that_camera_with_a_warning(exports):
+    project, dest, run = exports["default"]
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    by_time = {s["timestamp"]: s for s in nusc.sample}
+    no_label = by_time[int(STEM[2]) // 1000]
+    assert not (project / "label" / f"{STEM[2]}.json").exists() and no_label["anns"] == []
+    missing = by_time[int(STEM[4]) // 1000]
+    assert not (project / "camera" / "camera-back-left" / f"{STEM[4]}.jpg").exists()
+    assert "CAM_BACK_LEFT" not in missing["data"] and len(missing["data"]) == 6
+    assert all(len(s["data"]) == 7 for s in nusc.sample if s is not missing)
+    assert {"frame": STEM[4], "warning": "missing image for camera camera-back-left"} in run.merged.warnings
+
+
+def test_a_malformed_label_fails_the_export_naming_frame_and_file(small_project, tmp_path):
+    label = small_project / "label" / f"{STEM[3]}.json"
+    label.write_text('[{"obj_id": "7", "obj_type": "car", "psr": {"position": {"x": 1, "y": 2, "z": 0}}}]')
+    with pytest.raises(InputError) as err:
+        export(small_project, tmp_path / "out")
+    assert err.value.frame == STEM[3] and err.value.path == str(label)
+    assert "object 0 (obj_id '7') psr.scale: missing" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_types_are_skipped_and_counted_or_fail_by_policy(small_project, tmp_path, monkeypatch):
+    label = small_project / "label" / f"{STEM[0]}.json"
+    objects = json.loads(label.read_text())
+    objects[0]["obj_type"], objects[1]["obj_type"] = "hovercraft", "hovercraft"
+    label.write_text(json.dumps(objects))
+    run = export(small_project, tmp_path / "skip")
+    assert run.merged.counts["dropped_unknown_types"] == 2
+    assert run.merged.counts["dropped_unknown_type.hovercraft"] == 2
+    nusc = NuScenes(VERSION, str(tmp_path / "skip"), verbose=False)
+    assert len(nusc.sample[0]["anns"]) == len(objects) - 2
+
+    strict = {**load_mapping("nuscenes"), "unknown_type_policy": "error"}
+    monkeypatch.setattr("stages.discover.load_mapping", lambda name: strict)
+    with pytest.raises(InputError) as err:
+        export(small_project, tmp_path / "error")
+    assert err.value.frame == STEM[0] and err.value.path == str(label) and "'hovercraft'" in err.value.problem
+
+
+def test_every_nextpoints_type_maps_to_an_official_category():
+    mapping = NuScenesMapping.from_dict(load_mapping("nuscenes"))
+    types = ["bicycle", "motorcycle", "tricycle", "cycle_group", "rider", "cycle", "car", "van", "pickup", "cargo",
+             "trailer", "truck", "micro_bus", "mini_bus", "bus", "construction_vehicle", "pedestrian", "animal",
+             "barrier", "traffic_cone", "stone", "chair", "trash_can", "Unknown"]
+    official = {"animal", "human.pedestrian.adult", "human.pedestrian.child", "human.pedestrian.construction_worker",
+                "human.pedestrian.personal_mobility", "human.pedestrian.police_officer", "human.pedestrian.stroller",
+                "human.pedestrian.wheelchair", "movable_object.barrier", "movable_object.debris",
+                "movable_object.pushable_pullable", "movable_object.trafficcone", "static_object.bicycle_rack",
+                "vehicle.bicycle", "vehicle.bus.bendy", "vehicle.bus.rigid", "vehicle.car", "vehicle.construction",
+                "vehicle.emergency.ambulance", "vehicle.emergency.police", "vehicle.motorcycle", "vehicle.trailer",
+                "vehicle.truck"}
+    assert all(mapping.category_of(t) in official for t in types)
+    assert mapping.category_of("CAR") == "vehicle.car" and mapping.category_of("hovercraft") is None
+
+
+def test_a_cycle_with_a_rider_next_to_it_is_with_rider(small_project, tmp_path):
+    label = small_project / "label" / f"{STEM[0]}.json"
+    objects = json.loads(label.read_text())
+    car = next(o for o in objects if o["obj_type"] == "car")
+    bike = json.loads(json.dumps(car)) | {"obj_id": "bike-1", "obj_type": "bicycle", "obj_attr": None}
+    bike["psr"]["scale"] = {"x": 1.7, "y": 0.6, "z": 1.2}
+    rider = json.loads(json.dumps(bike)) | {"obj_id": "rider-1", "obj_type": "rider"}
+    rider["psr"]["position"] = dict(bike["psr"]["position"], z=bike["psr"]["position"]["z"] + 0.6)
+    rider["psr"]["scale"] = {"x": 0.6, "y": 0.5, "z": 1.0}
+    objects = [o for o in objects if o is not car] + [bike, rider]
+    label.write_text(json.dumps(objects))
+    dest = tmp_path / "out"
+    export(small_project, dest)
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    anns = [nusc.get("sample_annotation", t) for t in nusc.sample[0]["anns"]]
+    bikes = [a for a in anns if a["category_name"] == "vehicle.bicycle"]
+    with_rider = [a for a in bikes if [attr_name[t] for t in a["attribute_tokens"]] == ["cycle.with_rider"]]
+    assert len(with_rider) == 1
+    assert any(a["category_name"] == "human.pedestrian.adult" and
+               [attr_name[t] for t in a["attribute_tokens"]][0].startswith("pedestrian.") for a in anns)
+
+
+def test_png_images_become_jpegs_with_their_real_size(small_project, tmp_path):
+    jpg = small_project / "camera" / "camera-front" / f"{STEM[0]}.jpg"
+    with Image.open(jpg) as im:
+        im.resize((320, 200)).save(jpg.with_suffix(".png"))
+    jpg.unlink()
+    dest = tmp_path / "out"
+    export(small_project, dest)
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    sd = nusc.get("sample_data", nusc.sample[0]["data"]["CAM_FRONT"])
+    with Image.open(dest / sd["filename"]) as im:
+        assert im.format == "JPEG" and im.size == (sd["width"], sd["height"]) == (320, 200)
+
+
+def test_sweeps_hang_on_the_following_sample_and_floats_are_rounded(small_project, tmp_path):
+    dest = tmp_path / "out"
+    export(small_project, dest, include_sweeps=True, key_frame_interval=2, coordinate_precision=3)
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    samples = sorted(nusc.sample, key=lambda s: s["timestamp"])
+    assert len(samples) == 3
+    sweeps = [sd for sd in nusc.sample_data if not sd["is_key_frame"]]
+    assert len(sweeps) == 3 * 3  # frames 1, 3, 5: lidar + 2 cameras
+    for sd in sweeps:
+        assert sd["filename"].startswith(f"sweeps/{sd['channel']}/")
+        following = [s for s in samples if s["timestamp"] > sd["timestamp"]]
+        assert sd["sample_token"] == (following[0] if following else samples[-1])["token"]
+    result = subprocess.run([sys.executable, "-m", "nuscenes.tests.assert_download", "--dataroot", str(dest),
+                             "--version", VERSION, "--verbose", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for ann in nusc.sample_annotation:
+        assert all(round(v, 3) == v for v in ann["translation"] + ann["size"])
+
+
+def test_lidar_coordinate_system_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="coordinate_system 'lidar' has no meaning here"):
+        NuScenesFormat.check_request(ExportRequest(coordinate_system="lidar"))
