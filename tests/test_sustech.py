@@ -524,3 +524,19 @@ def test_two_clouds_for_one_frame_or_one_time_are_an_input_error(tmp_path):
     with pytest.raises(InputError, match="two point clouds") as err:
         SustechSource(scene).frames()
     assert err.value.frame == "000965"
+
+
+def test_sustech_riders_are_two_wheelers_with_a_rider_not_pedestrians(exported):
+    """A SUSTechPOINTS "Rider" box holds the person and the cycle: it exports as a ridden motorcycle."""
+    nusc = exported["nusc"]
+    riders = 0
+    for frame_id, _sample in exported["samples"].items():
+        matched, _ = _lidar_boxes(exported, frame_id)
+        for token, (_box, src) in matched.items():
+            if src.obj_type != "Rider":
+                continue
+            riders += 1
+            ann = nusc.get("sample_annotation", token)
+            assert ann["category_name"] == "vehicle.motorcycle"
+            assert [nusc.get("attribute", t)["name"] for t in ann["attribute_tokens"]] == ["cycle.with_rider"]
+    assert riders > 0

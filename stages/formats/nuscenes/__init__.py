@@ -40,7 +40,7 @@ class NuScenesFormat(OutputFormat):
 
     def __init__(self, plan: "ExportPlan", output_dir: Path):
         super().__init__(plan, output_dir)
-        self.mapping = NuScenesMapping.from_dict(plan.mappings)
+        self.mapping = NuScenesMapping.from_dict(plan.mappings, plan.layout)
         self.channel_map, self.skipped_channels = self.mapping.channel_map(plan.calibration, plan.main_lidar)
         self._converter: FrameConverter | None = None
 

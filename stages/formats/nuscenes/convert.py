@@ -140,7 +140,8 @@ class FrameConverter:
         dxy = centers[:, None, :2] - centers[None, rider_idx, :2]  # (boxes, riders, 2)
         close = np.hypot(dxy[..., 0], dxy[..., 1]) <= rules.rider_radius_m
         close[rider_idx, np.arange(len(rider_idx))] = False  # a rider is not its own rider
-        has_rider = close.any(axis=1)
+        has_rider = close.any(axis=1) | np.array(
+            [normalise_name(b.obj_type) in rules.ridden_types for b in frame.boxes], dtype=bool)
         seen_ids: set[str] = set()
         annotations, dropped = [], []
         for i, box in enumerate(frame.boxes):

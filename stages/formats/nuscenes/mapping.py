@@ -28,6 +28,7 @@ class AttributeRules:
     max_time_diff_s: float
     rider_types: frozenset[str]
     rider_radius_m: float
+    ridden_types: frozenset[str] = frozenset()  # source types whose one box holds cycle and rider
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,26 @@ class NuScenesMapping:
     split_name: str
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "NuScenesMapping":
-        """Validate the YAML's content; raises ``ValueError`` naming the offending entry."""
+    def from_dict(d: dict[str, Any], layout: str | None = None) -> "NuScenesMapping":
+        """Validate the YAML's content; raises ``ValueError`` naming the offending entry.
+
+        ``layouts.<layout>`` holds per-source-layout overrides: its ``categories`` replace the shared entries of
+        the same (normalised) name, its ``ridden_types`` are types whose single box holds a cycle *and* its
+        rider (always ``cycle.with_rider``). A type name can thus mean different things in different layouts
+        (NextPoints' ``rider`` is a person, SUSTechPOINTS' ``Rider`` a person on a two-wheeler, in one box).
+        """
+        overrides = (d.get("layouts") or {}).get(layout) or {}
+        unknown = sorted(set(overrides) - {"categories", "ridden_types"})
+        if unknown:
+            raise ValueError(f"nuscenes mapping: layouts.{layout} has unknown keys {unknown}")
+        d = {**d, "categories": {**(d.get("categories") or {}), **(overrides.get("categories") or {})}}
+
         def need(key: str) -> Any:
             if key not in d:
                 raise ValueError(f"nuscenes mapping: missing key {key!r}")
             return d[key]
 
-        categories = {}
+        categories: dict[str, str] = {}
         for src, cat in (need("categories") or {}).items():
             if cat not in CATEGORIES:
                 raise ValueError(f"nuscenes mapping: type {src!r} maps to {cat!r}, not an official nuScenes category")
@@ -82,6 +95,7 @@ class NuScenesMapping:
             max_time_diff_s=float(a.get("max_time_diff_s", 1.5)),
             rider_types=frozenset(normalise_name(s) for s in a.get("rider_types", [])),
             rider_radius_m=float(a.get("rider_radius_m", 1.0)),
+            ridden_types=frozenset(normalise_name(s) for s in overrides.get("ridden_types", [])),
         )
         visibility = str(d.get("default_visibility", "4"))
         if visibility not in VISIBILITY:
