@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -61,6 +61,15 @@ class ExportOptions(Strict):
     coordinate_precision: int | None = Field(None, ge=0, le=12, description="decimals kept in table floats")
 
 
+class FrameSelection(Strict):
+    """NextPoints' nested spelling of the frame selection; lifted to the top-level fields on validation."""
+
+    start_frame: str | int | None = None
+    end_frame: str | int | None = None
+    frame_step: int = Field(1, ge=1)
+    max_frames: int | None = Field(None, ge=1)
+
+
 class ExportRequest(Strict):
     export_format: ExportFormatName = ExportFormatName.nuscenes
     coordinate_system: CoordinateSystem = CoordinateSystem.global_
@@ -73,3 +82,18 @@ class ExportRequest(Strict):
     version: str = Field("v1.0-trainval", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                          description="nuScenes version folder; mmdetection3d accepts v1.0-trainval|v1.0-test|v1.0-mini")
     priority: int = Field(5, ge=0, le=10)
+    frame_selection: FrameSelection | None = Field(None, exclude=True,
+                                                   description="alternative nested form of start/end/step/max")
+
+    @model_validator(mode="after")
+    def _lift_frame_selection(self) -> "ExportRequest":
+        if self.frame_selection is None:
+            return self
+        nested = self.frame_selection.model_fields_set
+        both = sorted(nested & self.model_fields_set)
+        if both:
+            raise ValueError(f"{', '.join(both)} given both in frame_selection and at the top level")
+        for name in nested:
+            setattr(self, name, getattr(self.frame_selection, name))
+        self.frame_selection = None
+        return self
