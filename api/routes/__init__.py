@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that validate, call one ``pipeline.service`` function and shape the response."""
