@@ -107,6 +107,8 @@ def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str |
     ``ValueError`` for a request the format cannot honour.
     """
     fmt = get_format(request.export_format.value)
+    if request.coordinate_system is None:
+        request = request.model_copy(update={"coordinate_system": CoordinateSystem(fmt.default_coordinate_system)})
     fmt.check_request(request)
     source = open_project(project_dir, source_settings)
     calibration = source.calibration()

@@ -41,3 +41,11 @@ class PointCloudError(InputError):
 
 class CancelledExport(ExportError):
     """Raised inside a batch when the export was cancelled; the batch stops at a frame boundary."""
+
+
+class RequestError(ValueError):
+    """A request the output format cannot honour; ``field`` is the request field at fault (dotted path)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        super().__init__(reason)

@@ -72,7 +72,8 @@ class FrameSelection(Strict):
 
 class ExportRequest(Strict):
     export_format: ExportFormatName = ExportFormatName.nuscenes
-    coordinate_system: CoordinateSystem = CoordinateSystem.global_
+    coordinate_system: CoordinateSystem | None = Field(
+        None, description="None = the format's natural frame: global for nuScenes, lidar for KITTI")
     annotation_filter: AnnotationFilter = Field(default_factory=AnnotationFilter)
     export_options: ExportOptions = Field(default_factory=ExportOptions)
     start_frame: str | int | None = None

@@ -150,7 +150,16 @@ def test_a_request_the_format_cannot_honour_is_422_with_the_reason(client, proje
     response = client.post(f"/api/projects/{project}/export/nuscenes", json={"coordinate_system": "lidar"})
     assert response.status_code == 422
     (error,) = response.json()["detail"]
-    assert error["loc"][0] == "body" and "coordinate_system" in error["msg"]
+    assert error["loc"] == ["body", "coordinate_system"] and "coordinate_system" in error["msg"]
+
+
+def test_a_kitti_export_in_global_coordinates_is_422_saying_why(client, project):
+    response = client.post(f"/api/projects/{project}/export/kitti", json={"coordinate_system": "global"})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "coordinate_system"] and "KITTI has no global frame" in error["msg"]
+    # left unset, each format uses its own natural frame
+    assert client.post(f"/api/projects/{project}/export/kitti", json={}).status_code == 202
 
 
 @pytest.mark.parametrize("raw_project", [

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class OutputFormat(ABC):
     name: ClassVar[str]  # the request's export_format value, e.g. "nuscenes_v1.0"
     mapping_name: ClassVar[str | None] = None  # configs/mappings/<name>.yaml, loaded into plan.mappings
+    default_coordinate_system: ClassVar[str] = "global"  # used when the request leaves it unset
 
     def __init__(self, plan: "ExportPlan", output_dir: Path):
         self.plan = plan

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from stages.errors import ExportError, InputError
+from stages.errors import ExportError, InputError, RequestError
 from stages.formats.base import OutputFormat
 from stages.formats.kitti.labels import KITTI_CAM_FROM_VELO, KittiBoxes, PinholeCamera, kitti_boxes
 from stages.formats.kitti.mapping import KittiMapping
@@ -81,16 +81,17 @@ AXES_WARNING_DEG = 5.0
 class KittiFormat(OutputFormat):
     name = "kitti"
     mapping_name = "kitti"
+    default_coordinate_system = "lidar"
 
     @classmethod
     def check_request(cls, request: "ExportRequest") -> None:
         if request.coordinate_system == CoordinateSystem.global_:
-            raise ValueError("KITTI has no global frame: every frame is stored in its own velodyne (sensor) frame; "
+            raise RequestError("coordinate_system", "KITTI has no global frame: every frame is stored in its own velodyne (sensor) frame; "
                              "request coordinate_system 'lidar' (velodyne = the main lidar) or 'ego_vehicle' "
                              "(velodyne = base_link)")
         opts = request.export_options
         if opts.include_sweeps and opts.key_frame_interval > 1:
-            raise ValueError("KITTI 3D object has no sweeps: every exported frame is a labelled sample; drop "
+            raise RequestError("export_options.include_sweeps", "KITTI 3D object has no sweeps: every exported frame is a labelled sample; drop "
                              "include_sweeps, or thin frames with frame_step instead of key_frame_interval")
 
     def __init__(self, plan: "ExportPlan", output_dir: Path):

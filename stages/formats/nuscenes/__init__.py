@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from stages.errors import RequestError
 from stages.formats.base import OutputFormat
 from stages.formats.nuscenes.convert import FrameConverter
 from stages.formats.nuscenes.mapping import NuScenesMapping
@@ -47,7 +48,7 @@ class NuScenesFormat(OutputFormat):
     @classmethod
     def check_request(cls, request: "ExportRequest") -> None:
         if request.coordinate_system == CoordinateSystem.lidar:
-            raise ValueError("nuScenes stores boxes in the global frame and sensor data in the sensor frame; "
+            raise RequestError("coordinate_system", "nuScenes stores boxes in the global frame and sensor data in the sensor frame; "
                              "coordinate_system 'lidar' has no meaning here, use 'global' or 'ego_vehicle'")
 
     @property
