@@ -15,13 +15,14 @@ import numpy as np
 
 
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:
-    """Rotation matrix of a [w, x, y, z] quaternion (normalised first)."""
-    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    """Rotation matrix of a [w, x, y, z] quaternion (normalised first); (..., 4) → (..., 3, 3) for a stack."""
+    q = np.asarray(q, dtype=np.float64)
+    w, x, y, z = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], axis=-1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], axis=-1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=-1),
+    ], axis=-2)
 
 
 def matrix_to_quat(m: np.ndarray) -> np.ndarray:
@@ -144,13 +145,14 @@ def points_in_boxes(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarr
         return counts
     half = np.asarray(sizes_lwh, dtype=np.float64).reshape(-1, 3) / 2.0
     radius = np.linalg.norm(half, axis=1)
-    xyz = np.asarray(points[:, :3], dtype=np.float64)
-    xyz = xyz[np.argsort(xyz[:, 0], kind="stable")]
+    order = np.argsort(points[:, 0])  # any order of equal x will do: only membership counts
+    xyz = np.asarray(points[order, :3], dtype=np.float64)
     lo = np.searchsorted(xyz[:, 0], centers[:, 0] - radius, side="left")
     hi = np.searchsorted(xyz[:, 0], centers[:, 0] + radius, side="right")
-    for b, q in enumerate(np.asarray(rotations, dtype=np.float64).reshape(-1, 4)):
+    rots = quat_to_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 4))
+    for b in range(len(centers)):
         rel = xyz[lo[b]:hi[b]] - centers[b]
         rel = rel[np.all(np.abs(rel[:, 1:]) <= radius[b], axis=1)]
-        local = rel @ quat_to_matrix(q)  # row-vector form of R^T @ rel
+        local = rel @ rots[b]  # row-vector form of R^T @ rel
         counts[b] = int(np.count_nonzero(np.all(np.abs(local) <= half[b], axis=1)))
     return counts
