@@ -85,6 +85,19 @@ def compress(staging_dir: str | Path, dest: str | Path) -> CompressResult:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     members = sorted(p for p in output_dir.rglob("*") if p.is_file())
+    try:
+        size = _pack(fmt, output_dir, members, tmp, dest)
+    except BaseException:  # a failed (or retried) compress leaves no half-written archive behind
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return CompressResult(path=str(dest), size=size, files=len(manifest["files"]) + 1, archive_format=fmt.value)
+
+
+def _pack(fmt: ArchiveFormat, output_dir: Path, members: list[Path], tmp: Path, dest: Path) -> int:
+    """Write ``members`` (files under ``output_dir``) as ``fmt`` to ``tmp``, rename it to ``dest``; its size."""
     if fmt == ArchiveFormat.none:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -112,7 +125,7 @@ def compress(staging_dir: str | Path, dest: str | Path) -> CompressResult:
                     _add_members(tf, output_dir, members)
         os.replace(tmp, dest)
         size = dest.stat().st_size
-    return CompressResult(path=str(dest), size=size, files=len(manifest["files"]) + 1, archive_format=fmt.value)
+    return size
 
 
 def _add_members(tf: tarfile.TarFile, root: Path, members: list[Path]) -> None:

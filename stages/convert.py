@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from stages.errors import CancelledExport, InputError
+from stages.errors import CancelledExport, LocatedError
 from stages.filters import apply_filter
 from stages.formats import get_format
 from stages.geometry import points_in_boxes
@@ -59,12 +59,14 @@ def load_frame(source, plan: ExportPlan, index: int) -> tuple[LoadedFrame, Count
 
 def convert_batch(staging_dir: str | Path, batch_index: int, *,
                   should_stop: Callable[[], bool] | None = None,
+                  on_frame_start: Callable[[str], None] | None = None,
                   on_frame: Callable[[int, int, str], None] | None = None) -> BatchResult:
     """Convert batch ``batch_index`` of the plan in ``staging_dir``.
 
     ``should_stop()`` is checked before every frame (cancellation stops at a frame boundary by raising
-    ``CancelledExport``); ``on_frame(done, total, frame_id)`` is called after every frame. Input errors are
-    raised as ``InputError`` naming the frame and file; nothing is written for a failed batch.
+    ``CancelledExport``); ``on_frame_start(frame_id)`` before and ``on_frame(done, total, frame_id)`` after
+    every frame. Input errors are raised as ``InputError`` (or ``InputUnavailable`` for a file that could not
+    be read just now) naming the frame and file; nothing is written for a failed batch.
     """
     started = time.perf_counter()
     plan = ExportPlan.load(staging_dir)
@@ -79,14 +81,13 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
         if should_stop is not None and should_stop():
             raise CancelledExport(f"batch {batch_index} stopped before frame {plan.frames[index].frame_id}")
         ref = plan.frames[index]
+        if on_frame_start is not None:
+            on_frame_start(ref.frame_id)
         try:
             frame, removed = load_frame(source, plan, index)
             frame_rows = fmt.convert_frame(frame)
-        except InputError as err:
-            if err.frame is None:
-                err.frame = ref.frame_id
-                err.args = (f"frame {ref.frame_id}, {err.args[0]}",)
-            raise
+        except LocatedError as err:
+            raise err.at_frame(ref.frame_id)
         removed_total.update(removed)
         n_annotations += len(frame.boxes)
         warnings.extend({"frame": ref.frame_id, "warning": w} for w in frame.warnings)

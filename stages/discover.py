@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.formats import get_format
 from stages.geometry import Pose, matrix_to_quat, quat_to_matrix
-from stages.mappings import load_mapping
+from stages.mappings import load_mapping, merge_mapping
 from stages.model import FrameRef
 from stages.plan import ExportPlan
 from stages.request import CoordinateSystem, ExportRequest
@@ -98,10 +98,27 @@ def resolve_ego_poses(frames: list[FrameRef], poses: list[Pose | None]) -> tuple
     return out, warnings
 
 
+def load_mapping_for(fmt, layout: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The format's mapping file with ``overrides`` merged in, checked by the format (``ValueError``)."""
+    if not fmt.mapping_name:
+        if overrides:
+            raise ValueError(f"format {fmt.name} has no mapping to override")
+        return {}
+    mapping = merge_mapping(load_mapping(fmt.mapping_name), overrides, fmt.open_mapping_sections)
+    if overrides:
+        fmt.check_mapping(mapping, layout)
+    return mapping
+
+
 def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str | Path, *, export_id: str,
              batch_size: int = 50, source_settings: dict[str, Any] | None = None,
-             project_name: str | None = None) -> DiscoverResult:
+             project_name: str | None = None, layout: str | None = None,
+             mapping_overrides: dict[str, Any] | None = None) -> DiscoverResult:
     """List ``project_dir``, decide what to export and write ``plan.json`` into ``staging_dir``.
+
+    ``layout`` forces the source layout (None = detected), ``source_settings`` are the layout's settings
+    (e.g. SUSTechPOINTS' ``lidar_axes``), ``mapping_overrides`` are merged over the format's mapping file
+    (``stages.mappings.merge_mapping``); the plan stores the merged mapping, so every batch uses it.
 
     Returns only small data (counts and paths). Raises ``InputError`` for an unusable project and
     ``ValueError`` for a request the format cannot honour.
@@ -110,7 +127,8 @@ def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str |
     if request.coordinate_system is None:
         request = request.model_copy(update={"coordinate_system": CoordinateSystem(fmt.default_coordinate_system)})
     fmt.check_request(request)
-    source = open_project(project_dir, source_settings)
+    source = open_project(project_dir, source_settings, layout=layout)
+    mappings = load_mapping_for(fmt, source.layout, mapping_overrides)
     calibration = source.calibration()
     frames = _select(source.frames(), request)
     if not frames:
@@ -139,7 +157,7 @@ def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str |
         project_dir=str(source.project_dir.resolve()), layout=source.layout, source_settings=source.settings,
         request=request, calibration=calibration, main_lidar=source.main_lidar, frames=frames,
         ego_poses=ego_poses, key_frames=key_frames, batches=batches, staging_dir=str(staging.resolve()),
-        mappings=load_mapping(fmt.mapping_name) if fmt.mapping_name else {}, warnings=warnings,
+        mappings=mappings, warnings=warnings,
     )
     plan_path = plan.save()
     return DiscoverResult(export_id=export_id, staging_dir=plan.staging_dir, plan_path=str(plan_path),

@@ -14,7 +14,9 @@ Conventions:
 * Fields named ``_`` are padding: they occupy bytes but are not returned. A field with COUNT 0 occupies no
   bytes (SUSTechPOINTS files have one).
 
-Every problem raises :class:`stages.errors.PointCloudError` naming the file.
+Every problem raises :class:`stages.errors.PointCloudError` naming the file, except a file that exists but
+cannot be read just now (permission, I/O error): :class:`stages.errors.InputUnavailable`, which the pipeline
+retries.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import lzf
 import numpy as np
 
-from stages.errors import PointCloudError
+from stages.errors import PointCloudError, unreadable
 
 __all__ = ["PcdCloud", "read_pcd", "read_points_xyzir", "write_pcd"]
 
@@ -63,8 +65,8 @@ def _load(path) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise _fail("file not found", path) from None
-    except OSError as exc:
-        raise _fail(f"cannot read file: {exc.strerror or exc}", path) from None
+    except OSError as exc:  # permission, I/O error, a folder in its place: may pass, so the task is retried
+        raise unreadable(exc, path) from None
 
 
 def _parse_header(buf: bytes, path) -> tuple[dict, int]:

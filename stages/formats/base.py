@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class OutputFormat(ABC):
     name: ClassVar[str]  # the request's export_format value, e.g. "nuscenes_v1.0"
     mapping_name: ClassVar[str | None] = None  # configs/mappings/<name>.yaml, loaded into plan.mappings
+    # top-level sections of the mapping that are name tables (a config's override may add names to them)
+    open_mapping_sections: ClassVar[tuple[str, ...]] = ()
     default_coordinate_system: ClassVar[str] = "global"  # used when the request leaves it unset
 
     def __init__(self, plan: "ExportPlan", output_dir: Path):
@@ -33,6 +35,11 @@ class OutputFormat(ABC):
     def check_request(cls, request: "ExportRequest") -> None:
         """Raise ``ValueError`` with a user-facing reason when the request makes no sense for this format
         (e.g. a coordinate_system the format cannot express). Called by discover and by the API (→ 422)."""
+
+    @classmethod
+    def check_mapping(cls, mapping: dict[str, Any], layout: str | None = None) -> None:
+        """Raise ``ValueError`` naming the offending entry when ``mapping`` (the mapping file, possibly with a
+        config's overrides merged in) is not usable. Called before an export starts."""
 
     @abstractmethod
     def convert_frame(self, frame: LoadedFrame) -> dict[str, list[dict[str, Any]]]:

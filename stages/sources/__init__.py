@@ -22,6 +22,11 @@ def _layouts() -> list[type[ProjectSource]]:
     return layouts
 
 
+def layout_names() -> list[str]:
+    """The names of the known input layouts (``open_project``'s ``layout``), in detection order."""
+    return [cls.layout for cls in _layouts()]
+
+
 def open_project(project_dir: str | Path, settings: dict[str, Any] | None = None,
                  layout: str | None = None) -> ProjectSource:
     """Reader for ``project_dir``; ``layout`` forces a layout by name instead of detecting it."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import InputError, PointCloudError
+from stages.errors import InputError, InputUnavailable, PointCloudError, unreadable
 from stages.geometry import Pose, euler_xyz_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
 from stages.sources.base import ProjectSource
@@ -80,8 +80,8 @@ def _read_json(path: str | Path, frame: str | None = None) -> Any:
         raise InputError("file not found", path=path, frame=frame) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"not valid JSON: {exc}", path=path, frame=frame) from None
-    except OSError as exc:
-        raise InputError(f"cannot read file: {exc.strerror or exc}", path=path, frame=frame) from None
+    except OSError as exc:  # may pass (permission, I/O error): InputUnavailable, retried by the pipeline
+        raise unreadable(exc, path, frame) from None
 
 
 class _Where:
@@ -346,6 +346,8 @@ class NextPointsSource(ProjectSource):
             raise PointCloudError(f"no point cloud for the main lidar {self.main_lidar!r}", frame=frame.frame_id)
         try:
             return read_points_xyzir(path)
+        except InputUnavailable as err:
+            raise err.at_frame(frame.frame_id)
         except PointCloudError as err:
             if err.frame is not None:
                 raise

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.errors import InputError, PointCloudError
+from stages.errors import InputError, InputUnavailable, PointCloudError, unreadable
 from stages.geometry import Pose, euler_xyz_to_quat, matrix_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
 from stages.pcd import read_points_xyzir
@@ -249,6 +249,8 @@ class SustechSource(ProjectSource):
             if Path(path).suffix.lower() == ".bin":
                 return _read_bin(path)
             return read_points_xyzir(path)
+        except InputUnavailable as err:
+            raise err.at_frame(frame.frame_id)
         except PointCloudError as err:
             if err.frame is not None:
                 raise
@@ -320,6 +322,8 @@ def _load_json(path: Path, frame: str | None) -> Any:
         raise InputError("file not found", path=path, frame=frame) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"not valid JSON: {exc}", path=path, frame=frame) from None
+    except OSError as exc:  # may pass (permission, I/O error): InputUnavailable, retried by the pipeline
+        raise unreadable(exc, path, frame) from None
 
 
 def _matrix(value: Any, shape: tuple[int, int], key: str, path: Path) -> np.ndarray:
@@ -412,8 +416,8 @@ def _read_bin(path: str | Path) -> np.ndarray:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise PointCloudError("file not found", path=path) from None
-    except OSError as exc:
-        raise PointCloudError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+    except OSError as exc:  # may pass (permission, I/O error): InputUnavailable, retried by the pipeline
+        raise unreadable(exc, path) from None
     if len(raw) % 16:
         raise PointCloudError(f".bin point cloud size {len(raw)} bytes is not a multiple of 16 "
                               "(float32 x, y, z, intensity per point)", path=path)

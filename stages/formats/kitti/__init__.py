@@ -81,7 +81,12 @@ AXES_WARNING_DEG = 5.0
 class KittiFormat(OutputFormat):
     name = "kitti"
     mapping_name = "kitti"
+    open_mapping_sections = ("classes",)
     default_coordinate_system = "lidar"
+
+    @classmethod
+    def check_mapping(cls, mapping: dict[str, Any], layout: str | None = None) -> None:
+        KittiMapping.from_dict(mapping)
 
     @classmethod
     def check_request(cls, request: "ExportRequest") -> None:

@@ -38,12 +38,17 @@ __all__ = ["NuScenesFormat"]
 class NuScenesFormat(OutputFormat):
     name = "nuscenes_v1.0"
     mapping_name = "nuscenes"
+    open_mapping_sections = ("categories", "channels", "layouts")
 
     def __init__(self, plan: "ExportPlan", output_dir: Path):
         super().__init__(plan, output_dir)
         self.mapping = NuScenesMapping.from_dict(plan.mappings, plan.layout)
         self.channel_map, self.skipped_channels = self.mapping.channel_map(plan.calibration, plan.main_lidar)
         self._converter: FrameConverter | None = None
+
+    @classmethod
+    def check_mapping(cls, mapping: dict[str, Any], layout: str | None = None) -> None:
+        NuScenesMapping.from_dict(mapping, layout)
 
     @classmethod
     def check_request(cls, request: "ExportRequest") -> None:
