@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
-from pipeline.errors import (ExportNotReady, InvalidExportRequest, JobNotCancellable, JobNotFound,
+from pipeline.errors import (ExportNotReady, InvalidExportRequest, JobNotCancellable, JobNotFound, JobNotRetryable,
                              PipelineError, ProjectNotFound)
 
 STATUS_OF: dict[type[PipelineError], int] = {
@@ -12,6 +12,7 @@ STATUS_OF: dict[type[PipelineError], int] = {
     JobNotFound: status.HTTP_404_NOT_FOUND,
     JobNotCancellable: status.HTTP_409_CONFLICT,
     ExportNotReady: status.HTTP_409_CONFLICT,
+    JobNotRetryable: status.HTTP_409_CONFLICT,  # for a retry route; the CLI is the only caller so far
 }
 
 

@@ -17,9 +17,14 @@ from pipeline.logging import configure_logging
 from pipeline.settings import get_settings
 
 
+# At import, before uvicorn's first line ("Started server process"), so that every line of the API process goes
+# through the one structlog configuration (uvicorn's loggers included), however uvicorn was started.
+configure_logging(get_settings().log_format)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    configure_logging(get_settings().log_format)
+    configure_logging(get_settings().log_format)  # no-op unless the settings changed since the import
     yield
 
 

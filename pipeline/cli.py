@@ -1,5 +1,10 @@
 """``nextpoints-export``: the command line.
 
+    nextpoints-export run     CONFIG.yaml [--data-root DIR] [--export-root DIR] [--concurrency N] [--detach]
+    nextpoints-export retry   EXPORT_ID --stage convert|merge|compress [--only-failed] [--export-root DIR]
+    nextpoints-export status  EXPORT_ID [--export-root DIR]
+    nextpoints-export cancel  EXPORT_ID [--export-root DIR]
+    nextpoints-export list    [--limit 20] [--json] [--export-root DIR]
     nextpoints-export serve   [--data-root DIR] [--export-root DIR] [--host H] [--port 8000] [--concurrency N]
     nextpoints-export convert PROJECT_DIR OUT_DIR [--format nuscenes|kitti] [--batch-size N] [--archive FMT]
                               [--coordinate-system global|ego_vehicle|lidar]
@@ -11,7 +16,8 @@
 Each subcommand is one ``add_<name>(subparsers)`` function that registers its parser and handler; a new
 subcommand is one more such function and one line in ``COMMANDS``. ``worker``/``beat``/``flower`` exec the
 exact Celery command lines built by ``worker_command``/``beat_command``/``flower_command``, which the start
-scripts, supervisord, docker-compose, ``serve`` and the tests all use.
+scripts, supervisord, docker-compose, ``serve`` and the tests all use. ``run``/``retry``/``status``/``cancel``/
+``list`` are in ``pipeline.runner`` (they use the configured broker, or the embedded one as ``serve`` does).
 """
 from __future__ import annotations
 
@@ -57,6 +63,103 @@ def _exec(cmd: list[str]) -> int:
 
 
 # --- subcommands --------------------------------------------------------------------------------------------
+def _roots(p, data_root: bool = True) -> None:
+    if data_root:
+        p.add_argument("--data-root", type=Path, help="projects folder; a config's relative project path is "
+                                                      "resolved against it (default: NPX_DATA_ROOT)")
+    p.add_argument("--export-root", type=Path, help="archives, staging and the embedded Redis's data "
+                                                    "(default: NPX_EXPORT_ROOT)")
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the export a YAML pipeline config describes, with a progress bar; "
+                                   "prints the archive path")
+    p.add_argument("config", type=Path, help="a pipeline config, e.g. configs/examples/nuscenes.yaml")
+    _roots(p)
+    p.add_argument("--concurrency", type=int, help="processes of the embedded worker (default: "
+                                                   "CELERY_WORKER_CONCURRENCY)")
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--detach", action="store_true", help="print the export id and return at once (needs "
+                                                         "CELERY_BROKER_URL and workers)")
+
+    def run(args) -> int:
+        from pipeline.logging import configure_cli_logging
+        from pipeline.runner import run_config
+
+        configure_cli_logging(args.loglevel)
+        return run_config(args.config, data_root=args.data_root, export_root=args.export_root,
+                          concurrency=args.concurrency, loglevel=args.loglevel, detach=args.detach)
+
+    p.set_defaults(handler=run)
+
+
+def add_retry(sub) -> None:
+    p = sub.add_parser("retry", help="rerun a failed export from a stage over its staged files")
+    p.add_argument("export_id")
+    p.add_argument("--stage", required=True, choices=["convert", "merge", "compress"])
+    p.add_argument("--only-failed", action="store_true", help="convert: only the batches without a staged result")
+    _roots(p, data_root=False)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--detach", action="store_true", help="return once the rerun is queued")
+
+    def run(args) -> int:
+        from pipeline.logging import configure_cli_logging
+        from pipeline.runner import retry
+
+        configure_cli_logging(args.loglevel)
+        return retry(args.export_id, args.stage, only_failed=args.only_failed, export_root=args.export_root,
+                     concurrency=args.concurrency, loglevel=args.loglevel, detach=args.detach)
+
+    p.set_defaults(handler=run)
+
+
+def add_status(sub) -> None:
+    p = sub.add_parser("status", help="print an export's status as JSON")
+    p.add_argument("export_id")
+    _roots(p, data_root=False)
+
+    def run(args) -> int:
+        from pipeline.logging import configure_cli_logging
+        from pipeline.runner import status
+
+        configure_cli_logging("warning")
+        return status(args.export_id, export_root=args.export_root)
+
+    p.set_defaults(handler=run)
+
+
+def add_cancel(sub) -> None:
+    p = sub.add_parser("cancel", help="cancel a pending or processing export")
+    p.add_argument("export_id")
+    _roots(p, data_root=False)
+
+    def run(args) -> int:
+        from pipeline.logging import configure_cli_logging
+        from pipeline.runner import cancel
+
+        configure_cli_logging("warning")
+        return cancel(args.export_id, export_root=args.export_root)
+
+    p.set_defaults(handler=run)
+
+
+def add_list(sub) -> None:
+    p = sub.add_parser("list", help="list exports, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _roots(p, data_root=False)
+
+    def run(args) -> int:
+        from pipeline.logging import configure_cli_logging
+        from pipeline.runner import list_exports
+
+        configure_cli_logging("warning")
+        return list_exports(limit=args.limit, as_json=args.json, export_root=args.export_root)
+
+    p.set_defaults(handler=run)
+
+
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run Redis (embedded unless CELERY_BROKER_URL is set), worker, beat and the "
                                      "HTTP API in one command")
@@ -175,7 +278,8 @@ def _rest(args: list[str]) -> list[str]:
     return args[1:] if args[:1] == ["--"] else args
 
 
-COMMANDS: list[Callable] = [add_serve, add_convert, add_synth, add_worker, add_beat, add_flower]
+COMMANDS: list[Callable] = [add_run, add_retry, add_status, add_cancel, add_list, add_serve, add_convert, add_synth,
+                            add_worker, add_beat, add_flower]
 
 
 def build_parser() -> argparse.ArgumentParser:

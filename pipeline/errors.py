@@ -48,3 +48,13 @@ class InvalidExportRequest(PipelineError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+class JobNotRetryable(PipelineError):
+    """The export cannot be rerun from the asked stage: it has not failed, or its staged files do not allow it
+    (409)."""
+
+    def __init__(self, export_id: str, reason: str):
+        self.export_id = export_id
+        self.reason = reason
+        super().__init__(f"export {export_id} cannot be rerun: {reason}")

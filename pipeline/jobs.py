@@ -7,7 +7,8 @@ Keys (prefix ``npx``):
 - ``npx:export:<id>:stop``  set when the export is cancelled or has failed: running batches stop at the next
                             frame, tasks that start later exit at once
 
-Status moves ``pending → processing → completed | failed | cancelled``. Every write by a task goes through
+Status moves ``pending → processing → completed | failed | cancelled``; a failed export rerun from one of its
+stages (``service.retry_export``) goes back to ``processing``. Every write by a task goes through
 ``JobStore.update(..., allowed=...)``, a Lua script that applies the fields only while the job's status is one
 of ``allowed``: a finished job is never reopened by a late task, and a deleted job is never recreated.
 """
@@ -67,6 +68,9 @@ class ExportJob:
     file_size: int | None = None
     progress: float = 0.0  # high-water mark, 0-100
     message: str | None = None
+    retry_policy: dict[str, Any] | None = None  # automatic retries (RetryPolicy JSON); None = NPX_* settings
+    reruns: int | None = None  # times the export was rerun from a stage (``retry``), and from which the last time
+    rerun_stage: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,9 +88,9 @@ class ExportJob:
 
 _FIELD_NAMES = {f.name for f in fields(ExportJob)}
 _INTS = {"priority", "batch_size", "n_frames", "n_key_frames", "n_batches", "frames", "annotations", "warnings",
-         "file_size"}
+         "file_size", "reruns"}
 _FLOATS = {"heartbeat", "progress"}
-_JSON = {"request", "filtered", "error"}
+_JSON = {"request", "filtered", "error", "retry_policy"}
 
 
 def _text(value: bytes | str) -> str:
@@ -197,6 +201,11 @@ class JobStore:
     def raise_progress(self, export_id: str, value: float) -> float:
         """Store ``value`` as the progress high-water mark if it is higher; return the mark."""
         return float(self._raise_progress(keys=[self.key(export_id)], args=[repr(float(value))]))
+
+    def retry_policy(self, export_id: str) -> dict[str, Any] | None:
+        """The export's stored automatic-retry policy (None = the service-wide one)."""
+        raw = self.client.hget(self.key(export_id), "retry_policy")
+        return decode_field("retry_policy", _text(raw)) if raw else None
 
     def script(self, source: str):
         """A registered Lua script on this store's client (registered once per store)."""

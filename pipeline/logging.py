@@ -2,8 +2,17 @@
 uvicorn, kombu) routed through the same processors, so every line is one JSON object (or one console line)
 carrying the context bound with ``structlog.contextvars``: ``export_id``, ``stage``, ``batch``, ``frame``.
 
+Who binds what: the API's middleware binds ``request_id`` and the request's ``export_id``
+(``api/middleware.py``); every task binds ``export_id``, ``stage`` and ``batch`` and, while converting a
+frame, ``frame`` (``pipeline/tasks.py``); the CLI binds the ``export_id`` it runs. One export's whole trace,
+API to last task, is then ``jq 'select(.export_id == "<id>")'`` over the JSON logs.
+
+Formats: ``json`` in production (``NPX_LOG_FORMAT``, the default of serve, the API and workers), ``console``
+(readable, coloured on a terminal) for development and the interactive CLI commands.
+
 The Celery app connects ``configure_logging`` to Celery's ``setup_logging`` signal, so workers and beat use
-it instead of Celery's own formatter.
+it instead of Celery's own formatter; uvicorn's loggers are routed to the root handler here, whether uvicorn
+was started by ``serve`` or on its own (``uvicorn api.main:app``).
 """
 from __future__ import annotations
 
@@ -17,11 +26,13 @@ import structlog
 LogFormat = Literal["json", "console"]
 
 _configured: tuple[str, int] | None = None
+# libraries that install handlers of their own: their lines go through the root handler (our renderer) instead
+ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "kombu", "tornado", "flower")
 
 
 # Celery's own lines about our tasks ("Task export.convert[<export_id>-convert-00003] received") are logged
 # where no context is bound (the worker's main process); every export task id starts with its export id.
-_EXPORT_TASK = re.compile(r"export\.(?:discover|convert|merge|compress)\["
+_EXPORT_TASK = re.compile(r"export\.(?:discover|convert|merge|compress|rerun_batches)\["
                           r"(?P<id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})")
 
 
@@ -54,9 +65,12 @@ def configure_logging(fmt: LogFormat = "json", level: int | str = logging.INFO) 
     global _configured
     level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if _configured == (fmt, level):
+        _route_libraries()
         return
     structlog.configure(
-        processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a debug line (one per converted frame) costs nothing at INFO
+        processors=[structlog.stdlib.filter_by_level, *_shared_processors(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -72,7 +86,22 @@ def configure_logging(fmt: LogFormat = "json", level: int | str = logging.INFO) 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    _route_libraries()
     _configured = (fmt, level)
+
+
+def _route_libraries() -> None:
+    for name in ROUTED_LOGGERS:
+        routed = logging.getLogger(name)
+        routed.handlers[:] = []
+        routed.propagate = True
+
+
+def configure_cli_logging(level: int | str = logging.INFO) -> None:
+    """For the interactive commands: ``NPX_LOG_FORMAT`` when it is set, else the readable console format."""
+    import os
+
+    configure_logging("json" if os.environ.get("NPX_LOG_FORMAT", "").lower() == "json" else "console", level)
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

@@ -23,7 +23,7 @@ log = structlog.get_logger("pipeline.serve")
 DEMO_PROJECT, DEMO_FRAMES = "my_project", 40
 
 
-def _demo_data(export_root: Path) -> Path:
+def demo_data(export_root: Path) -> Path:
     from stages.synth import generate_project
 
     root = export_root / "demo-data"
@@ -37,7 +37,7 @@ def _interrupt(*_args) -> None:
     raise KeyboardInterrupt
 
 
-def _stop(child: subprocess.Popen, name: str) -> None:
+def stop_child(child: subprocess.Popen, name: str) -> None:
     """Warm shutdown (finish or hand back running tasks), then cold (SIGQUIT), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
         if child.poll() is not None:
@@ -80,7 +80,7 @@ def serve(*, data_root: Path | None = None, export_root: Path | None = None, hos
     export_root.mkdir(parents=True, exist_ok=True)
     os.environ["NPX_EXPORT_ROOT"] = str(export_root)
     if data_root is None and "NPX_DATA_ROOT" not in os.environ:
-        data_root = _demo_data(export_root)
+        data_root = demo_data(export_root)
     if data_root is not None:
         os.environ["NPX_DATA_ROOT"] = str(Path(data_root).resolve())
 
@@ -108,7 +108,7 @@ def serve(*, data_root: Path | None = None, export_root: Path | None = None, hos
     finally:
         stopping.set()
         for name, child in reversed(children.items()):
-            _stop(child, name)
+            stop_child(child, name)
         if redis_server is not None:
             redis_server.stop()
     return 1 if died else 0

@@ -1,27 +1,37 @@
-"""The facade the HTTP API (and the CLI) calls: start, poll, cancel, list and download exports.
+"""The facade the HTTP API (and the CLI) calls: start, poll, cancel, list, download and rerun exports.
 
 Errors are ``pipeline.errors`` exceptions: ``ProjectNotFound``/``JobNotFound`` (404), ``JobNotCancellable``/
-``ExportNotReady`` (409), ``InvalidExportRequest`` (422).
+``ExportNotReady``/``JobNotRetryable`` (409), ``InvalidExportRequest`` (422).
 """
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from pipeline import canvas, progress
 from pipeline.celery_app import app
-from pipeline.errors import ExportNotReady, InvalidExportRequest, JobNotCancellable, JobNotFound, ProjectNotFound
-from pipeline.jobs import ACTIVE, CANCELLED, COMPLETED, FINISHED, PENDING, ExportJob, job_store, utc_now
+from pipeline.errors import (ExportNotReady, InvalidExportRequest, JobNotCancellable, JobNotFound, JobNotRetryable,
+                             ProjectNotFound)
+from pipeline.jobs import (ACTIVE, CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, PROCESSING, ExportJob, job_store,
+                           utc_now)
 from pipeline.paths import archive_for, project_dir as find_project_dir, remove_export_files, staging_for
+from pipeline.retry_policy import RetryPolicy
 from pipeline.settings import get_settings
+from stages.convert import read_batch_result
+from stages.discover import load_mapping_for
 from stages.errors import InputError
 from stages.formats import get_format
 from stages.request import ExportFormatName, ExportRequest
+from stages.plan import MERGE_FILE, ExportPlan
 from stages.sources import open_project
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 log = structlog.get_logger("pipeline.service")
 
@@ -57,11 +67,13 @@ def _check_request(request: ExportRequest) -> None:
         raise InvalidExportRequest(getattr(err, "field", None) or "request", str(err)) from None
 
 
-def _expected_frames(project_dir: Path, request: ExportRequest) -> int:
-    """Frames the request will select, from a directory listing (for ``estimated_duration``)."""
+def _expected_frames(project_dir: Path, request: ExportRequest, layout: str | None = None,
+                     source_settings: dict[str, Any] | None = None) -> int:
+    """Frames the request will select, from a directory listing (for ``estimated_duration``); also checks that
+    the project opens with this layout and these source settings."""
     try:
-        n = len(open_project(project_dir).frames())
-    except InputError as err:
+        n = len(open_project(project_dir, source_settings, layout=layout).frames())
+    except (InputError, ValueError) as err:
         raise InvalidExportRequest("project", str(err)) from None
     n = math.ceil(n / request.frame_step)
     return min(n, request.max_frames) if request.max_frames else n
@@ -72,32 +84,58 @@ def start_export(project: str, request: ExportRequest, *, export_format: str | N
     """Validate, record the job ``pending`` and start its workflow. Returns the new job's status, plus
     ``estimated_duration`` (seconds). ``batch_size`` (frames per convert task) defaults to NPX_BATCH_SIZE."""
     settings = get_settings()
-    batch_size = batch_size or settings.batch_size
     request = _with_format(request, export_format)
     source_dir = find_project_dir(settings.data_root, project)
     if source_dir is None:
         raise ProjectNotFound(project)
+    return _queue_export(project, source_dir, request, batch_size=batch_size or settings.batch_size)
+
+
+def start_configured_export(config: "PipelineConfig") -> dict[str, Any]:
+    """Start the export a pipeline config describes (``pipeline.config``): its project (by name or path, a
+    relative path under the data root), layout and source settings, request, batch size, queue, retry policy
+    and mapping overrides. Same answer as ``start_export``."""
+    settings = get_settings()
+    project, source_dir = config.project.locate(settings.data_root)
+    if config.mappings:  # load_config checked them already; a config built in code is checked here
+        try:
+            load_mapping_for(get_format(config.export.export_format.value), config.project.layout, config.mappings)
+        except ValueError as err:
+            raise InvalidExportRequest("mappings", str(err)) from None
+    source = {"layout": config.project.layout, "source_settings": config.project.source_settings or None,
+              "mapping_overrides": config.mappings or None}
+    return _queue_export(project, source_dir, config.export, batch_size=config.batch_size or settings.batch_size,
+                         queue=config.queue_name, source={k: v for k, v in source.items() if v},
+                         retry=config.retry_policy(settings))
+
+
+def _queue_export(project: str, source_dir: Path, request: ExportRequest, *, batch_size: int,
+                  queue: str | None = None, source: dict[str, Any] | None = None,
+                  retry: RetryPolicy | None = None) -> dict[str, Any]:
+    """Check, record the job ``pending`` and send its workflow (``canvas.export_workflow``)."""
+    settings = get_settings()
+    source = source or {}
     _check_request(request)
-    n_frames = _expected_frames(source_dir, request)
+    n_frames = _expected_frames(source_dir, request, source.get("layout"), source.get("source_settings"))
 
     export_id = str(uuid.uuid4())
     request_json = request.model_dump(mode="json")
     job = ExportJob(export_id=export_id, project=project, export_format=request.export_format.value,
-                    request=request_json, priority=request.priority, batch_size=batch_size,
-                    message="Export queued")
+                    request=request_json, priority=request.priority, batch_size=batch_size, queue=queue,
+                    retry_policy=retry.to_json() if retry else None, message="Export queued")
     store = job_store()
     store.create(job)
     workflow = canvas.export_workflow(
         export_id, source_dir, request_json, staging_dir=staging_for(settings.export_root, export_id),
         archive=archive_for(settings.export_root, export_id, request), batch_size=batch_size,
-        priority=request.priority)
+        priority=request.priority, queue=queue, source=source)
     try:
         workflow.apply_async()
     except Exception as exc:
         store.delete(export_id)
         raise RuntimeError(f"could not queue export {export_id}: {exc}") from exc
     log.info("export queued", export_id=export_id, project=project, export_format=job.export_format,
-             expected_frames=n_frames)
+             expected_frames=n_frames, batch_size=batch_size, queue=queue or "auto")
     return {**status_of(job, progress.compute(job, None)), "estimated_duration": estimate_duration(n_frames)}
 
 
@@ -149,6 +187,67 @@ def cancel_export(export_id: str) -> dict[str, Any]:
     app.control.revoke(canvas.task_ids(export_id, job.n_batches))
     remove_export_files(get_settings().export_root, export_id)  # the stopping tasks remove what they add later
     log.info("export cancelled", export_id=export_id, was=before)
+    return export_status(export_id)
+
+
+def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[str, Any]:
+    """Rerun a failed export from ``stage`` (convert | merge | compress) over its staged files: the job goes
+    back to ``processing`` (error cleared, stop flag lifted) and ends ``completed`` or ``failed`` again.
+
+    - ``convert``: every batch again, or with ``only_failed`` only the batches that have no staged result;
+      then merge and compress. (Nothing to convert left: it starts at merge.)
+    - ``merge``: merge then compress; every batch must have its staged result. No batch is touched.
+    - ``compress``: compress only, from the merged tables.
+
+    ``JobNotRetryable`` when the export has not failed, or its staged files do not allow that stage. (The
+    failed run's other batches stop at their next frame once it failed; a batch still finishing meanwhile only
+    rewrites its own folder, atomically, with the same content.)
+    """
+    if stage not in canvas.RERUN_STAGES:
+        raise InvalidExportRequest("stage", f"must be one of {', '.join(canvas.RERUN_STAGES)}, got {stage!r}")
+    settings = get_settings()
+    store = job_store()
+    job = store.get(export_id)
+    if job.status != FAILED:
+        raise JobNotRetryable(export_id, f"it is {job.status}: only failed exports can be rerun")
+    staging = staging_for(settings.export_root, export_id)
+    try:
+        plan = ExportPlan.load(staging)
+    except FileNotFoundError:
+        raise JobNotRetryable(export_id, f"its plan is not staged ({staging}): it failed in discover or its "
+                                         "files were cleaned up; start a new export") from None
+    missing = [i for i in range(len(plan.batches)) if read_batch_result(plan, i) is None]
+    if stage == "convert":
+        batches = missing if only_failed else list(range(len(plan.batches)))
+    elif missing:
+        raise JobNotRetryable(export_id, f"batches {missing[:10]} have no staged result: "
+                                         "rerun from convert (--only-failed)")
+    else:
+        batches = []
+    if stage == "compress" and not (staging / MERGE_FILE).is_file():
+        raise JobNotRetryable(export_id, "its tables were not merged: rerun from merge")
+
+    request = ExportRequest.model_validate(job.request)
+    queue = job.queue or canvas.queue_for(len(plan.frames), settings)
+    workflow = canvas.rerun_workflow(export_id, stage, staging_dir=staging,
+                                     archive=archive_for(settings.export_root, export_id, request),
+                                     batches=batches, queue=queue, priority=job.priority or request.priority)
+    store.clear_stop(export_id)
+    applied, before = store.update(export_id, allowed=(FAILED,), status=PROCESSING,
+                                   step="convert" if batches else ("compress" if stage == "compress" else "merge"),
+                                   error=None, completed_at=None, heartbeat=round(time.time(), 3),
+                                   message=f"Rerun from {stage}", reruns=(job.reruns or 0) + 1, rerun_stage=stage,
+                                   queue=queue)
+    if not applied:
+        raise JobNotRetryable(export_id, f"it is {before or 'gone'}: only failed exports can be rerun")
+    try:
+        workflow.apply_async()
+    except Exception as exc:
+        store.update(export_id, allowed=(PROCESSING,), status=FAILED, error=job.error, message=job.message,
+                     completed_at=utc_now())
+        raise RuntimeError(f"could not queue the rerun of export {export_id}: {exc}") from exc
+    log.info("export rerun", export_id=export_id, stage=stage, only_failed=only_failed, batches=len(batches),
+             staged_batches=len(plan.batches) - len(missing), queue=queue)
     return export_status(export_id)
 
 

@@ -13,7 +13,12 @@ Environment variables (defaults in brackets):
 - ``NPX_LARGE_EXPORT_FRAMES`` [500]: exports with at least this many frames run on the ``large_export`` queue.
 - ``NPX_CLEANUP_MAX_AGE_HOURS`` [72]: beat removes finished exports (archive, staging, job record) older than
   this.
-- ``NPX_LOG_FORMAT`` [json]: ``json`` or ``console``.
+- ``NPX_MAX_RETRIES`` [3], ``NPX_RETRY_BACKOFF`` [2 s], ``NPX_RETRY_BACKOFF_MAX`` [120 s], ``NPX_RETRY_JITTER``
+  [true]: the automatic retry of a task that hit a transient error (see ``pipeline.retry_policy``): at most
+  ``max_retries`` more attempts, the n-th after ``min(backoff_max, backoff * 2**(n-1))`` seconds (a random part
+  of it with jitter). A pipeline config's ``retry`` section overrides them for its export.
+- ``NPX_LOG_FORMAT`` [json]: ``json`` (one JSON object per line) or ``console`` (readable). The interactive CLI
+  commands (``run``, ``retry``, ``status``...) log to the console unless it is set.
 """
 from __future__ import annotations
 
@@ -45,6 +50,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(25, ge=1, validation_alias="NPX_BATCH_SIZE")
     large_export_frames: int = Field(500, ge=1, validation_alias="NPX_LARGE_EXPORT_FRAMES")
     cleanup_max_age_hours: float = Field(72.0, gt=0, validation_alias="NPX_CLEANUP_MAX_AGE_HOURS")
+    max_retries: int = Field(3, ge=0, le=100, validation_alias="NPX_MAX_RETRIES")
+    retry_backoff: float = Field(2.0, ge=0, validation_alias="NPX_RETRY_BACKOFF")
+    retry_backoff_max: float = Field(120.0, ge=0, validation_alias="NPX_RETRY_BACKOFF_MAX")
+    retry_jitter: bool = Field(True, validation_alias="NPX_RETRY_JITTER")
     log_format: Literal["json", "console"] = Field("json", validation_alias="NPX_LOG_FORMAT")
 
     @property

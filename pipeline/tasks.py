@@ -1,8 +1,9 @@
 """The export tasks: thin wrappers that run one stage of ``stages/`` for one export.
 
 Every task runs its stage inside ``export_stage(...)``, which binds the log context, exits at once when the
-export was cancelled (or failed elsewhere), and records any failure in the job record (error, frame, file,
-stage, batch) before re-raising it. The DAG itself is assembled in ``pipeline.canvas``.
+export was cancelled (or failed elsewhere), retries a transient failure with backoff (``pipeline.retry_policy``)
+and records any other failure in the job record (error, frame, file, stage, batch, attempts) before re-raising
+it. The DAG itself is assembled in ``pipeline.canvas``.
 """
 from __future__ import annotations
 
@@ -18,41 +19,53 @@ from pipeline import canvas
 from pipeline.celery_app import app
 from pipeline.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, StopFlag, job_store, utc_now
 from pipeline.paths import remove_export_files
+from pipeline.retry_policy import RetryPolicy
 from pipeline.settings import get_settings
 from stages.compress import compress as compress_stage
 from stages.convert import convert_batch, read_batch_result
 from stages.discover import discover as discover_stage
-from stages.errors import CancelledExport, InputError
+from stages.errors import CancelledExport, LocatedError
 from stages.merge import merge_tables, remove_staging
 from stages.plan import ExportPlan
 from stages.request import ExportRequest
 
 log = structlog.get_logger("pipeline.tasks")
 HEARTBEAT_EVERY = 5.0  # seconds between heartbeats written by a running batch
+LOGGED_WARNINGS_PER_BATCH = 50  # frame warnings logged one per line; the rest are counted in the batch result
 
 
-def error_details(exc: BaseException, stage: str, batch: int | None) -> dict[str, Any]:
-    """The job's error report: ``{error, message, frame, file, stage, batch}``."""
-    if isinstance(exc, InputError):
+def error_details(exc: BaseException, stage: str, batch: int | None, attempts: int = 1) -> dict[str, Any]:
+    """The job's error report: ``{error, message, frame, file, stage, batch, attempts}``."""
+    if isinstance(exc, LocatedError):
         details = exc.to_dict()
     else:
         details = {"error": type(exc).__name__, "message": str(exc) or type(exc).__name__,
                    "frame": None, "file": None}
         if isinstance(exc, SoftTimeLimitExceeded):
             details["message"] = f"time limit of {get_settings().task_time_limit} s exceeded"
-    return {**details, "stage": stage, "batch": batch}
+    return {**details, "stage": stage, "batch": batch, "attempts": attempts}
 
 
-def record_failure(export_id: str, stage: str, batch: int | None, exc: BaseException) -> None:
+def record_failure(export_id: str, stage: str, batch: int | None, exc: BaseException, attempts: int = 1) -> None:
     """End the job ``failed`` with the error (first failure wins) and stop its other batches."""
     store = job_store()
-    details = error_details(exc, stage, batch)
+    details = error_details(exc, stage, batch, attempts)
     applied, _ = store.update(export_id, status=FAILED, error=details, completed_at=utc_now(),
                               message=details["message"])
     if applied:
         store.request_stop(export_id, "failed")
     log.error("stage failed", error=details["error"], message=details["message"], file=details["file"],
-              frame=details["frame"], exc_info=not isinstance(exc, InputError))
+              frame=details["frame"], attempts=attempts, exc_info=not isinstance(exc, LocatedError))
+
+
+def retry_policy_of(export_id: str) -> RetryPolicy:
+    """The export's automatic-retry policy; the service-wide one when Redis cannot tell (it may be the very
+    error being retried)."""
+    try:
+        stored = job_store().retry_policy(export_id)
+    except Exception:  # noqa: BLE001 - a policy is needed even when Redis is down
+        stored = None
+    return RetryPolicy.from_json(stored)
 
 
 class ExportStopped(Ignore):
@@ -79,11 +92,14 @@ def exit_if_stopped(export_id: str) -> None:
 def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> Iterator[dict[str, Any]]:
     """Run one stage of ``export_id`` in ``task``: bind the log context, exit at once if the export was
     stopped, log the start and the end (with the counts the stage puts in the yielded dict), turn a
-    ``CancelledExport`` into a quiet stop, and record any other failure in the job before re-raising it."""
+    ``CancelledExport`` into a quiet stop, retry a transient error (``Task.retry``: same task id, after the
+    policy's backoff) while the export's retry policy allows, and record any other failure in the job before
+    re-raising it."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(export_id=export_id, stage=stage,
                                            **({"batch": batch} if batch is not None else {}))
     delivery = task.request.delivery_info or {}
+    retries = task.request.retries or 0
     started = time.perf_counter()
     report: dict[str, Any] = {}
 
@@ -93,7 +109,7 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
     try:
         exit_if_stopped(export_id)  # a task that starts after a cancel does nothing
         log.info("stage started", task_id=task.request.id, queue=delivery.get("routing_key"),
-                 redelivered=bool(delivery.get("redelivered")))
+                 redelivered=bool(delivery.get("redelivered")), attempt=retries + 1)
         yield report
         finished()
     except CancelledExport:
@@ -104,14 +120,43 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
         finished()
         raise
     except Exception as exc:
-        record_failure(export_id, stage, batch, exc)
+        if _stopped(export_id):  # cancelled (its files vanish under running batches) or failed elsewhere
+            stop_here(export_id)
+        policy = retry_policy_of(export_id)
+        if policy.should_retry(exc, retries):
+            countdown = policy.countdown(retries)
+            log.warning("stage retrying", error=type(exc).__name__, message=str(exc), attempt=retries + 1,
+                        max_attempts=policy.max_retries + 1, next_attempt_in_s=countdown,
+                        **_located(exc))
+            raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
+        record_failure(export_id, stage, batch, exc, attempts=retries + 1)
         raise
     # the context stays bound until the next task starts (celery_app clears it on task_prerun), so that
     # Celery's own "Task ... succeeded/failed" line carries the export id too
 
 
+def _stopped(export_id: str) -> bool:
+    """Was the export cancelled or has it failed elsewhere? Then an error of its task is neither retried nor
+    reported: files vanishing under a cancelled batch are the cancel at work, and the first failure is the one
+    the job reports. (False when Redis cannot tell.)"""
+    try:
+        return job_store().stop_requested(export_id)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _located(exc: BaseException) -> dict[str, Any]:
+    """The frame and file an error names, for a log line (nothing when it names none)."""
+    if isinstance(exc, LocatedError):
+        return {k: v for k, v in (("frame", exc.frame), ("file", exc.path)) if v is not None}
+    return {}
+
+
 @app.task(name="export.discover", bind=True)
-def discover(self, export_id: str, project_dir: str, request_json: dict, staging_dir: str, batch_size: int):
+def discover(self, export_id: str, project_dir: str, request_json: dict, staging_dir: str, batch_size: int,
+             queue: str | None = None, layout: str | None = None, source_settings: dict[str, Any] | None = None,
+             mapping_overrides: dict[str, Any] | None = None):
+    """Plan the export, then become the chord of its batches on ``queue`` (None = by frame count)."""
     store = job_store()
     with export_stage(self, export_id, "discover") as report:
         applied, before = store.update(export_id, allowed=(PENDING,), status=PROCESSING, step="discover",
@@ -120,15 +165,24 @@ def discover(self, export_id: str, project_dir: str, request_json: dict, staging
             log.warning("no active job for this export", status=before)
             raise ExportStopped()
         request = ExportRequest.model_validate(request_json)
-        found = discover_stage(project_dir, request, staging_dir, export_id=export_id, batch_size=batch_size)
+        found = discover_stage(project_dir, request, staging_dir, export_id=export_id, batch_size=batch_size,
+                               layout=layout, source_settings=source_settings, mapping_overrides=mapping_overrides)
         exit_if_stopped(export_id)
-        queue = canvas.queue_for(found.n_frames, get_settings())
+        queue = queue or canvas.queue_for(found.n_frames, get_settings())
         store.heartbeat(export_id, step="convert", n_frames=found.n_frames, n_key_frames=found.n_key_frames,
                         n_batches=found.n_batches, batch_size=batch_size, queue=queue, warnings=found.warnings)
         report.update(frames=found.n_frames, key_frames=found.n_key_frames, batches=found.n_batches,
                       warnings=found.warnings, next_queue=queue)
-        return canvas.replace_with_batches(self, export_id, staging_dir, found.n_batches, queue=queue,
+        return canvas.replace_with_batches(self, export_id, staging_dir, range(found.n_batches), queue=queue,
                                            priority=request.priority)
+
+
+@app.task(name="export.rerun_batches", bind=True)
+def rerun_batches(self, export_id: str, staging_dir: str, batches: list[int], queue: str, priority: int):
+    """The start of a rerun from convert (``service.retry_export``): become the chord of ``batches``."""
+    with export_stage(self, export_id, "rerun") as report:
+        report.update(batches=batches)
+        return canvas.replace_with_batches(self, export_id, staging_dir, batches, queue=queue, priority=priority)
 
 
 @app.task(name="export.convert", bind=True)
@@ -141,9 +195,12 @@ def convert(self, export_id: str, staging_dir: str, batch_index: int) -> dict[st
         if done is None:
             last_beat = time.monotonic()
 
+            def on_frame_start(frame_id: str) -> None:  # what is logged while converting it names the frame
+                structlog.contextvars.bind_contextvars(frame=frame_id)
+
             def on_frame(k: int, n: int, frame_id: str) -> None:
                 nonlocal last_beat
-                structlog.contextvars.bind_contextvars(frame=frame_id)
+                log.debug("frame converted", done=k, total=n)
                 self.update_state(state="PROGRESS", meta={"done": k, "total": n, "frame": frame_id,
                                                           "pid": os.getpid()})
                 if time.monotonic() - last_beat >= HEARTBEAT_EVERY:
@@ -151,14 +208,23 @@ def convert(self, export_id: str, staging_dir: str, batch_index: int) -> dict[st
                     last_beat = time.monotonic()
 
             done = convert_batch(staging_dir, batch_index, should_stop=StopFlag(store, export_id),
-                                 on_frame=on_frame)
+                                 on_frame_start=on_frame_start, on_frame=on_frame)
             structlog.contextvars.unbind_contextvars("frame")
+            log_frame_warnings(done.warnings)
         exit_if_stopped(export_id)  # cancelled during the last frame: do not report a finished batch
         store.heartbeat(export_id)
         result = {"batch": batch_index, "frames": done.frames, "annotations": done.annotations,
                   "warnings": len(done.warnings)}
         report.update(result)
         return result
+
+
+def log_frame_warnings(warnings: list[dict[str, Any]]) -> None:
+    """One line per frame warning (missing image, ...), naming its frame; at most LOGGED_WARNINGS_PER_BATCH."""
+    for warning in warnings[:LOGGED_WARNINGS_PER_BATCH]:
+        log.info("frame warning", frame=warning.get("frame"), warning=warning.get("warning"))
+    if len(warnings) > LOGGED_WARNINGS_PER_BATCH:
+        log.info("frame warnings not logged", count=len(warnings) - LOGGED_WARNINGS_PER_BATCH)
 
 
 @app.task(name="export.merge", bind=True)

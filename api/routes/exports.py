@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
@@ -29,7 +29,11 @@ CONFLICT = {409: {"model": Error}}
 MEDIA_TYPES = {".zip": "application/zip", ".gz": "application/gzip", ".zst": "application/zstd"}
 
 
-def _start(project: str, request: ExportRequest, export_format: ExportFormatName) -> ExportCreated:
+EXPORT_ID_HEADER = "X-Export-ID"  # names the created export: the request log middleware tags its lines with it
+
+
+def _start(project: str, request: ExportRequest, export_format: ExportFormatName,
+           response: Response) -> ExportCreated:
     """The path fixes the format; a body that asks for another one is a mistake, not a choice."""
     if "export_format" in request.model_fields_set and request.export_format != export_format:
         raise RequestValidationError([{
@@ -37,19 +41,20 @@ def _start(project: str, request: ExportRequest, export_format: ExportFormatName
             "msg": f"this endpoint exports {export_format.value!r}; "
                    f"drop export_format or use the {request.export_format.name} endpoint"}])
     job = service.start_export(project, request, export_format=export_format.value)
+    response.headers[EXPORT_ID_HEADER] = job["task_id"]
     return ExportCreated(**job)
 
 
 @router.post("/{project}/export/nuscenes", status_code=status.HTTP_202_ACCEPTED, response_model=ExportCreated,
              responses=NOT_FOUND, summary="Start a nuScenes v1.0 export")
-def export_nuscenes(project: ProjectName, request: RequestBody) -> ExportCreated:
-    return _start(project, request, ExportFormatName.nuscenes)
+def export_nuscenes(project: ProjectName, request: RequestBody, response: Response) -> ExportCreated:
+    return _start(project, request, ExportFormatName.nuscenes, response)
 
 
 @router.post("/{project}/export/kitti", status_code=status.HTTP_202_ACCEPTED, response_model=ExportCreated,
              responses=NOT_FOUND, summary="Start a KITTI 3D object export")
-def export_kitti(project: ProjectName, request: RequestBody) -> ExportCreated:
-    return _start(project, request, ExportFormatName.kitti)
+def export_kitti(project: ProjectName, request: RequestBody, response: Response) -> ExportCreated:
+    return _start(project, request, ExportFormatName.kitti, response)
 
 
 @router.get("/export/tasks", response_model=ExportList, summary="List exports, newest first")
