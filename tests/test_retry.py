@@ -207,6 +207,35 @@ def test_a_failed_merge_is_rerun_from_merge_without_converting_again(project, pi
     assert len(rerun_tables) >= 13 and rerun_tables == tables(service.archive_for_download(clean_id))
 
 
+def test_retry_stage_merge_from_the_cli_completes_the_export_with_a_clean_runs_tables(
+        project, pipeline_env, celery_worker, large_queue_paused):
+    """The issue's acceptance as written: merge fails, ``nextpoints-export retry ID --stage merge`` completes the
+    export, no convert batch runs again, and the archive's tables equal a clean run's."""
+    from pipeline import service
+    from pipeline.jobs import job_store
+
+    clean_id = service.start_export(project, ExportRequest())["task_id"]
+    export_id = start(project, queue="large", retry={"max_retries": 0})
+    wait_until(lambda: job_store().get(export_id).step == "convert", 60, 0.05, what="discover to stage the plan")
+    blocker = pipeline_env.export_root / "staging" / export_id / "output" / "v1.0-trainval"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    large_queue_paused()
+    failed = follow(export_id)[-1]
+    assert failed["status"] == "failed" and failed["error_details"]["stage"] == "merge", failed
+    converts_before = stage_lines(celery_worker, export_id, "stage started", "convert")
+
+    blocker.unlink()
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "retry", export_id, "--stage", "merge"],
+                         env=pipeline_env.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert cli.returncode == 0, cli.stderr
+    final = service.export_status(export_id)
+    assert final["status"] == "completed" and final["progress"] == 100 and final["error_details"] is None
+    assert stage_lines(celery_worker, export_id, "stage started", "convert") == converts_before
+    assert follow(clean_id)[-1]["status"] == "completed"
+    assert tables(service.archive_for_download(export_id)) == tables(service.archive_for_download(clean_id))
+
+
 def test_retry_only_failed_converts_only_the_batches_without_a_result(project, pipeline_env, celery_worker):
     """From the CLI: ``nextpoints-export retry ID --stage convert --only-failed`` once the broken point cloud
     is fixed. Five batches of two frames on two worker processes: the last batch (broken) starts only after
