@@ -35,9 +35,9 @@ CELERY = [sys.executable, "-m", "celery", "-A", "pipeline.celery_app"]
 
 # --- the Celery command lines -------------------------------------------------------------------------------
 def worker_command(concurrency: int | None = None, loglevel: str = "info", hostname: str | None = None,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """A worker consuming both export queues (small exports are served first)."""
-    cmd = [*CELERY, "worker", "-Q", ",".join(QUEUES), "-l", loglevel]
+                   extra: Sequence[str] = (), queues: Sequence[str] = QUEUES) -> list[str]:
+    """A worker consuming the export queues (default both; small exports are served first)."""
+    cmd = [*CELERY, "worker", "-Q", ",".join(queues), "-l", loglevel]
     if concurrency:
         cmd += ["-c", str(concurrency)]
     if hostname:
@@ -252,11 +252,21 @@ def add_synth(sub) -> None:
 def add_worker(sub) -> None:
     p = sub.add_parser("worker", help="exec a Celery worker on both export queues")
     p.add_argument("--concurrency", type=int)
+    p.add_argument("--queues", default=",".join(QUEUES),
+                   help=f"comma-separated queues to consume (default {','.join(QUEUES)}), e.g. large_export")
     p.add_argument("--loglevel", default="info")
     p.add_argument("--hostname")
     p.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: more `celery worker` options")
     p.set_defaults(handler=lambda a: _exec(worker_command(a.concurrency, a.loglevel, a.hostname,
-                                                          _rest(a.celery_args))))
+                                                          _rest(a.celery_args), _queues(a.queues))))
+
+
+def _queues(text: str) -> list[str]:
+    queues = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if not queues or unknown:
+        raise SystemExit(f"--queues: unknown queue(s) {unknown or text!r}; known: {', '.join(QUEUES)}")
+    return queues
 
 
 def add_beat(sub) -> None:

@@ -248,3 +248,13 @@ def test_flower_shows_the_worker_on_the_configured_broker(pipeline_env, celery_w
         except subprocess.TimeoutExpired:
             os.killpg(flower.pid, signal.SIGKILL)
             flower.wait()
+
+
+def test_a_worker_can_be_dedicated_to_the_large_queue_and_unknown_queues_are_refused():
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker", "--queues", "huge_export"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert cli.returncode != 0 and "unknown queue" in cli.stderr
+    from pipeline.cli import _queues, worker_command
+
+    cmd = worker_command(queues=_queues("large_export"))
+    assert cmd[cmd.index("-Q") + 1] == "large_export"
