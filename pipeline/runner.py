@@ -225,9 +225,7 @@ def run_config(config_path: Path, *, data_root: Path | None = None, export_root:
     except PipelineError as err:
         print(f"{config_path}: project: {err}", file=sys.stderr)
         return 2
-    if detach and "CELERY_BROKER_URL" not in os.environ:
-        print("--detach needs a shared broker (CELERY_BROKER_URL): the embedded one stops with this command",
-              file=sys.stderr)
+    if detach and not _has_shared_broker():
         return 2
 
     with local_pipeline() as local:
@@ -251,6 +249,15 @@ def run_config(config_path: Path, *, data_root: Path | None = None, export_root:
         return _follow_and_report(export_id, local)
 
 
+def _has_shared_broker() -> bool:
+    """``--detach`` leaves the export to the deployment's workers: that needs a broker that outlives us."""
+    if "CELERY_BROKER_URL" in os.environ:
+        return True
+    print("--detach needs a shared broker (CELERY_BROKER_URL): the embedded one stops with this command",
+          file=sys.stderr)
+    return False
+
+
 def retry(export_id: str, stage: str, *, only_failed: bool = False, export_root: Path | None = None,
           concurrency: int | None = None, loglevel: str = "info", detach: bool = False) -> int:
     """``nextpoints-export retry ID --stage S``: rerun a failed export from a stage and follow it."""
@@ -259,9 +266,7 @@ def retry(export_id: str, stage: str, *, only_failed: bool = False, export_root:
 
     set_roots(export_root=export_root)
     structlog.contextvars.bind_contextvars(export_id=export_id)
-    if detach and "CELERY_BROKER_URL" not in os.environ:
-        print("--detach needs a shared broker (CELERY_BROKER_URL): the embedded one stops with this command",
-              file=sys.stderr)
+    if detach and not _has_shared_broker():
         return 2
     with local_pipeline() as local:
         try:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from stages.errors import InputUnavailable, PointCloudError
 from stages.geometry import Pose
 from stages.model import BoxLabel, FrameRef, SensorCalib
 
@@ -64,3 +65,17 @@ class ProjectSource(ABC):
 
         Raises ``InputError`` naming the frame and file for a malformed label.
         """
+
+    @staticmethod
+    def read_cloud_file(frame: FrameRef, path: str | None, reader: Callable[[str], np.ndarray]) -> np.ndarray:
+        """``reader(path)``, with the frame id added to any error it raises (the readers know only the file)."""
+        if path is None:
+            raise PointCloudError("frame has no point cloud for the main lidar", frame=frame.frame_id)
+        try:
+            return reader(path)
+        except InputUnavailable as err:
+            raise err.at_frame(frame.frame_id)
+        except PointCloudError as err:
+            if err.frame is not None:
+                raise
+            raise PointCloudError(err.problem, path=err.path or path, frame=frame.frame_id) from err

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import InputError, InputUnavailable, PointCloudError, unreadable
+from stages.errors import InputError, unreadable
 from stages.geometry import Pose, euler_xyz_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
 from stages.sources.base import ProjectSource
@@ -341,17 +341,7 @@ class NextPointsSource(ProjectSource):
         """(N, 5) float32 x, y, z, intensity, ring of the main lidar, in the main lidar frame (metres)."""
         from stages.pcd import read_points_xyzir
 
-        path = frame.lidar.get(self.main_lidar)
-        if path is None:
-            raise PointCloudError(f"no point cloud for the main lidar {self.main_lidar!r}", frame=frame.frame_id)
-        try:
-            return read_points_xyzir(path)
-        except InputUnavailable as err:
-            raise err.at_frame(frame.frame_id)
-        except PointCloudError as err:
-            if err.frame is not None:
-                raise
-            raise PointCloudError(err.problem, path=err.path or path, frame=frame.frame_id) from err
+        return self.read_cloud_file(frame, frame.lidar.get(self.main_lidar), read_points_xyzir)
 
     def read_ego_pose(self, frame: FrameRef) -> Pose | None:
         """ego→global (map) pose of ``frame`` in metres, or None when it has no pose file."""

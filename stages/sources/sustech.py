@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.errors import InputError, InputUnavailable, PointCloudError, unreadable
+from stages.errors import InputError, PointCloudError, unreadable
 from stages.geometry import Pose, euler_xyz_to_quat, matrix_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
 from stages.pcd import read_points_xyzir
@@ -242,19 +242,7 @@ class SustechSource(ProjectSource):
     # --- per-frame data -----------------------------------------------------------------------------------
 
     def read_points(self, frame: FrameRef) -> np.ndarray:
-        path = frame.lidar.get(LIDAR_CHANNEL)
-        if path is None:
-            raise PointCloudError("frame has no lidar file", frame=frame.frame_id)
-        try:
-            if Path(path).suffix.lower() == ".bin":
-                return _read_bin(path)
-            return read_points_xyzir(path)
-        except InputUnavailable as err:
-            raise err.at_frame(frame.frame_id)
-        except PointCloudError as err:
-            if err.frame is not None:
-                raise
-            raise PointCloudError(err.problem, path=err.path or path, frame=frame.frame_id) from err
+        return self.read_cloud_file(frame, frame.lidar.get(LIDAR_CHANNEL), _read_cloud)
 
     def read_ego_pose(self, frame: FrameRef) -> Pose | None:
         if frame.ego_pose is None:
@@ -408,6 +396,11 @@ def _box(obj: Any, index: int, path: Path, frame: str) -> BoxLabel:
                     center=np.array(center), size=np.array(size), rotation=rotation, attributes=attributes,
                     num_pts=int(num_pts) if _is_number(num_pts) else None,
                     score=float(score) if _is_number(score) else None)
+
+
+def _read_cloud(path: str) -> np.ndarray:
+    """``.bin`` (float32 x, y, z, intensity) or PCD, as (N, 5) float32 x, y, z, intensity, ring."""
+    return _read_bin(path) if Path(path).suffix.lower() == ".bin" else read_points_xyzir(path)
 
 
 def _read_bin(path: str | Path) -> np.ndarray:
