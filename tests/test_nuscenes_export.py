@@ -183,7 +183,7 @@ def test_num_lidar_pts_recounted_with_points_in_box(exported):
 def test_every_camera_sample_data_carries_its_image_and_real_size(exported):
     project, dest, run, nusc = exported
     cameras = [sd for sd in nusc.sample_data if sd["sensor_modality"] == "camera"]
-    assert len(cameras) == 6 * 20 - 1  # frame 4 misses one image
+    assert len(cameras) == 6 * 20  # frame 4 misses one image, filled in from the nearest frame (policy nearest)
     for sd in cameras:
         assert sd["fileformat"] == "jpg" and sd["filename"].startswith(f"samples/{sd['channel']}/")
         with Image.open(dest / sd["filename"]) as im:
@@ -192,8 +192,9 @@ def test_every_camera_sample_data_carries_its_image_and_real_size(exported):
         assert np.asarray(cs["camera_intrinsic"]).shape == (3, 3)
 
 
-def test_chains_links_and_counts_are_consistent(exported):
-    project, dest, run, nusc = exported
+def check_sample_and_sample_data_chains(nusc: NuScenes, run: SerialRun,
+                                        every_channel_in_every_sample: bool = True) -> None:
+    """The sample chain, the sample_data chains per channel and their links, as nuscenes-rules.md asks."""
     scene = nusc.scene[0]
     # samples: one chain through the scene, in time order
     chain, token = [], scene["first_sample_token"]
@@ -203,22 +204,48 @@ def test_chains_links_and_counts_are_consistent(exported):
     assert len(chain) == scene["nbr_samples"] == len(nusc.sample) == run.merged.counts["samples"]
     assert chain[-1]["token"] == scene["last_sample_token"] and chain[0]["prev"] == ""
     assert all(b["prev"] == a["token"] and b["timestamp"] > a["timestamp"] for a, b in zip(chain, chain[1:]))
-    # sample_data: one chain per channel; one key frame per (sample, channel); one ego pose each, same time
+    sample_index = {s["token"]: i for i, s in enumerate(chain)}
+    # sample_data: one chain per channel, in time order; one key frame per (sample, channel); one ego pose each,
+    # same time; unique filenames <logfile>__<CHANNEL>__<timestamp_us>.<ext>
+    logfile = nusc.log[0]["logfile"]
     by_channel = defaultdict(list)
     for sd in nusc.sample_data:
         by_channel[sd["channel"]].append(sd)
-        assert sd["is_key_frame"] is True
         assert nusc.get("ego_pose", sd["ego_pose_token"])["timestamp"] == sd["timestamp"]
-        assert nusc.get("sample", sd["sample_token"])["timestamp"] == sd["timestamp"]
+        folder = "samples" if sd["is_key_frame"] else "sweeps"
+        ext = ".pcd.bin" if sd["channel"] == "LIDAR_TOP" else ".jpg"
+        stem = sd["filename"].removeprefix(f"{folder}/{sd['channel']}/{logfile}__{sd['channel']}__")
+        assert stem.endswith(ext) and stem.removesuffix(ext).isdigit(), sd["filename"]
+    assert len({sd["filename"] for sd in nusc.sample_data}) == len(nusc.sample_data)
     for channel, rows in by_channel.items():
-        walked, token = [], next(sd["token"] for sd in rows if sd["prev"] == "")
+        heads = [sd for sd in rows if sd["prev"] == ""]
+        assert len(heads) == 1, channel
+        walked, token = [], heads[0]["token"]
         while token:
             walked.append(nusc.get("sample_data", token))
             token = walked[-1]["next"]
         assert len(walked) == len(rows), channel
+        assert all(b["prev"] == a["token"] and b["timestamp"] >= a["timestamp"] for a, b in zip(walked, walked[1:]))
+        # the samples a channel's chain hangs on come in the samples' order
+        owners = [sample_index[sd["sample_token"]] for sd in walked]
+        assert owners == sorted(owners), channel
     assert len({sd["ego_pose_token"] for sd in nusc.sample_data}) == len(nusc.ego_pose) == len(nusc.sample_data)
     per_sample_channel = Counter((sd["sample_token"], sd["channel"]) for sd in nusc.sample_data if sd["is_key_frame"])
     assert set(per_sample_channel.values()) == {1}
+    # every sample has a key frame of every channel that has any sample_data in the scene
+    assert all(set(s["data"]) == set(by_channel) for s in nusc.sample) == every_channel_in_every_sample
+
+
+def test_chains_links_and_counts_are_consistent(exported):
+    project, dest, run, nusc = exported
+    check_sample_and_sample_data_chains(nusc, run)
+    filled = []
+    for sd in nusc.sample_data:
+        assert sd["is_key_frame"] is True
+        if nusc.get("sample", sd["sample_token"])["timestamp"] != sd["timestamp"]:
+            filled.append(sd)  # a camera filled in from the nearest frame (frame 4's CAM_BACK_LEFT)
+    assert [(sd["channel"], nusc.get("sample", sd["sample_token"])["timestamp"]) for sd in filled] == [
+        ("CAM_BACK_LEFT", int(STEM[4]) // 1000)]
     # annotations: one chain per instance
     for inst in nusc.instance:
         walked, token = [], inst["first_annotation_token"]
@@ -243,7 +270,7 @@ def test_chains_links_and_counts_are_consistent(exported):
     counts = run.merged.counts
     assert counts["annotations"] == len(nusc.sample_annotation) and counts["instances"] == len(nusc.instance)
     assert counts["sample_data"] == len(nusc.sample_data) and counts["frames"] == 20
-    assert counts["dropped_unknown_types"] == 0 and counts["missing_images"] == 1
+    assert counts["dropped_unknown_types"] == 0 and counts["missing_images"] == 1 and counts["filled_images"] == 1
 
 
 def test_static_vehicles_are_parked_moving_traffic_moving_and_walkers_moving(exports):
@@ -323,7 +350,10 @@ def test_exporting_twice_gives_byte_identical_tables_and_files(exports, tmp_path
 
 # -- real-data quirks and malformed input -------------------------------------------------------------------------
 
-def test_missing_label_gives_an_empty_sample_and_missing_image_drops_that_camera_with_a_warning(exports):
+def test_missing_label_gives_an_empty_sample_and_missing_image_is_filled_from_the_nearest_frame(exports):
+    """Default ``missing_image_policy: nearest``: as nuScenes pairs each sample with the closest image of every
+    camera, frame 4's CAM_BACK_LEFT key frame is the image of the nearest frame that has one (frames 3 and 5 are
+    both 100 ms away: the earlier one), with that image's own timestamp and ego pose."""
     project, dest, run = exports["default"]
     nusc = NuScenes(VERSION, str(dest), verbose=False)
     by_time = {s["timestamp"]: s for s in nusc.sample}
@@ -331,9 +361,65 @@ def test_missing_label_gives_an_empty_sample_and_missing_image_drops_that_camera
     assert not (project / "label" / f"{STEM[2]}.json").exists() and no_label["anns"] == []
     missing = by_time[int(STEM[4]) // 1000]
     assert not (project / "camera" / "camera-back-left" / f"{STEM[4]}.jpg").exists()
+    assert all(set(s["data"]) == {"LIDAR_TOP", *CAMERAS.values()} for s in nusc.sample)
+
+    filled = nusc.get("sample_data", missing["data"]["CAM_BACK_LEFT"])
+    neighbour = nusc.get("sample_data", by_time[int(STEM[3]) // 1000]["data"]["CAM_BACK_LEFT"])
+    assert filled["is_key_frame"] is True and filled["sample_token"] == missing["token"]
+    assert filled["timestamp"] == neighbour["timestamp"] == int(STEM[3]) // 1000
+    # its own file (named after the sample's time, so filenames stay unique), the neighbour's bytes
+    logfile = project.parent.name
+    assert filled["filename"] == f"samples/CAM_BACK_LEFT/{logfile}__CAM_BACK_LEFT__{int(STEM[4]) // 1000}.jpg"
+    source = (project / "camera" / "camera-back-left" / f"{STEM[3]}.jpg").read_bytes()
+    assert (dest / filled["filename"]).read_bytes() == source == (dest / neighbour["filename"]).read_bytes()
+    assert (filled["width"], filled["height"]) == (neighbour["width"], neighbour["height"])
+    # its own ego_pose row, with the neighbour's time and pose
+    pose, neighbour_pose = (nusc.get("ego_pose", sd["ego_pose_token"]) for sd in (filled, neighbour))
+    assert pose["token"] != neighbour_pose["token"] and pose["timestamp"] == neighbour_pose["timestamp"]
+    assert (pose["translation"], pose["rotation"]) == (neighbour_pose["translation"], neighbour_pose["rotation"])
+    lidar_pose = nusc.get("ego_pose", nusc.get("sample_data", missing["data"]["LIDAR_TOP"])["ego_pose_token"])
+    assert pose["translation"] != lidar_pose["translation"]  # the ego moved between frames 3 and 4
+    # the channel's chain: frame 3's image, then the copy for sample 4, then frame 5's
+    assert filled["prev"] == neighbour["token"] and neighbour["next"] == filled["token"]
+    assert filled["next"] == by_time[int(STEM[5]) // 1000]["data"]["CAM_BACK_LEFT"]
+    # the warning names frame and camera, and the frame whose image was used
+    assert {"frame": STEM[4], "warning": "missing image for camera camera-back-left: CAM_BACK_LEFT of this sample "
+            f"uses the image of frame {STEM[3]} (-100.0 ms), the nearest in time"} in run.merged.warnings
+    assert run.merged.counts["missing_images"] == run.merged.counts["filled_images"] == 1
+
+
+@pytest.fixture(scope="module")
+def skip_policy_export(synth_project, tmp_path_factory) -> tuple[Path, Path, SerialRun]:
+    mapping = {**load_mapping("nuscenes"), "missing_image_policy": "skip"}
+    dest = tmp_path_factory.mktemp("nuscenes-skip") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("stages.discover.load_mapping", lambda name: mapping)
+        run = export(synth_project, dest)
+    return synth_project, dest, run
+
+
+def test_missing_image_policy_skip_drops_that_camera_from_the_sample_with_a_warning(skip_policy_export):
+    project, dest, run = skip_policy_export
+    nusc = NuScenes(VERSION, str(dest), verbose=False)
+    check_sample_and_sample_data_chains(nusc, run, every_channel_in_every_sample=False)
+    by_time = {s["timestamp"]: s for s in nusc.sample}
+    missing = by_time[int(STEM[4]) // 1000]
     assert "CAM_BACK_LEFT" not in missing["data"] and len(missing["data"]) == 6
     assert all(len(s["data"]) == 7 for s in nusc.sample if s is not missing)
+    assert len([sd for sd in nusc.sample_data if sd["channel"] == "CAM_BACK_LEFT"]) == 19
     assert {"frame": STEM[4], "warning": "missing image for camera camera-back-left"} in run.merged.warnings
+    assert run.merged.counts["missing_images"] == 1 and "filled_images" not in run.merged.counts
+    assert all(nusc.get("sample", sd["sample_token"])["timestamp"] == sd["timestamp"] for sd in nusc.sample_data)
+
+
+def test_missing_image_policy_is_validated():
+    base = load_mapping("nuscenes")
+    assert NuScenesMapping.from_dict(base).missing_image_policy == "nearest"
+    assert NuScenesMapping.from_dict({k: v for k, v in base.items()
+                                      if k != "missing_image_policy"}).missing_image_policy == "nearest"
+    assert NuScenesMapping.from_dict({**base, "missing_image_policy": "skip"}).missing_image_policy == "skip"
+    with pytest.raises(ValueError, match="missing_image_policy must be one of"):
+        NuScenesMapping.from_dict({**base, "missing_image_policy": "interpolate"})
 
 
 def test_a_malformed_label_fails_the_export_naming_frame_and_file(small_project, tmp_path):
@@ -418,10 +504,14 @@ def test_png_images_become_jpegs_with_their_real_size(small_project, tmp_path):
 
 def test_sweeps_hang_on_the_following_sample_and_floats_are_rounded(small_project, tmp_path):
     dest = tmp_path / "out"
-    export(small_project, dest, include_sweeps=True, key_frame_interval=2, coordinate_precision=3)
+    run = export(small_project, dest, include_sweeps=True, key_frame_interval=2, coordinate_precision=3)
     nusc = NuScenes(VERSION, str(dest), verbose=False)
     samples = sorted(nusc.sample, key=lambda s: s["timestamp"])
     assert len(samples) == 3
+    # frame 4 (a sample) misses its camera-front-left image: filled from frame 3, a sweep (nearest, earlier on a tie)
+    check_sample_and_sample_data_chains(nusc, run)
+    filled = nusc.get("sample_data", samples[2]["data"]["CAM_FRONT_LEFT"])
+    assert filled["timestamp"] == int(STEM[3]) // 1000 and filled["filename"].startswith("samples/")
     sweeps = [sd for sd in nusc.sample_data if not sd["is_key_frame"]]
     assert len(sweeps) == 3 * 3  # frames 1, 3, 5: lidar + 2 cameras
     for sd in sweeps:

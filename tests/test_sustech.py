@@ -492,14 +492,18 @@ def test_box_centres_project_into_every_camera_as_with_the_source_calibration(ex
     assert projected > 30
 
 
-def test_the_frame_without_images_is_a_lidar_only_sample_with_a_warning(exported):
+def test_the_frame_without_images_gets_the_nearest_frames_images_with_a_warning(exported):
+    """missing_image_policy: nearest (the default): 000950 has no image; each camera's key frame is 000965's."""
     nusc, run = exported["nusc"], exported["run"]
-    assert set(exported["samples"]["000950"]["data"]) == {"LIDAR_TOP"}
-    for frame_id in FRAMES[1:]:
+    for frame_id in FRAMES:
         assert set(exported["samples"][frame_id]["data"]) == {"LIDAR_TOP", "CAM_FRONT", "CAM_FRONT_LEFT",
                                                               "CAM_FRONT_RIGHT"}
+    for channel in ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT"):
+        filled = nusc.get("sample_data", exported["samples"]["000950"]["data"][channel])
+        assert filled["timestamp"] == exported["samples"]["000965"]["timestamp"]
     warned = {w["warning"] for w in run.merged.warnings if w.get("frame") == "000950"}
-    assert warned == {f"missing image for camera {c}" for c in CAMERAS}
+    assert {w.split(":")[0] for w in warned} == {f"missing image for camera {c}" for c in CAMERAS}
+    assert all("uses the image of frame 000965" in w for w in warned)
     assert nusc.get("sample_data", exported["samples"]["000950"]["data"]["LIDAR_TOP"])["is_key_frame"] is True
 
 

@@ -8,6 +8,9 @@ Dataset tree written under the export's output folder (the nuScenes ``dataroot``
     sweeps/<CHANNEL>/...                                                    convert, non-key frames
     maps/<map_token>.png                                                    merge (a 1×1 semantic prior)
 
+(A key-frame camera image filled in from the nearest frame, ``missing_image_policy: nearest``, is named with its
+sample's timestamp; its sample_data ``timestamp`` is the image's own. See ``convert.py``.)
+
 One project is one nuScenes log and one scene, named after the project. Modules: ``convert.py`` (per-frame
 files and rows), ``tables.py`` (links and table writing), ``mapping.py`` (``configs/mappings/nuscenes.yaml``),
 ``vocabulary.py`` (official names), ``tokens.py`` (deterministic tokens). The rules this follows are in
@@ -22,7 +25,7 @@ import pyarrow as pa
 
 from stages.errors import RequestError
 from stages.formats.base import OutputFormat
-from stages.formats.nuscenes.convert import FrameConverter
+from stages.formats.nuscenes.convert import FrameConverter, ImageIndex
 from stages.formats.nuscenes.mapping import NuScenesMapping
 from stages.formats.nuscenes.tables import TableBuilder, apply_precision, write_dataset
 from stages.model import LoadedFrame
@@ -63,7 +66,8 @@ class NuScenesFormat(OutputFormat):
             self._converter = FrameConverter(
                 project=self.plan.project_name, output_dir=self.output_dir, mapping=self.mapping,
                 channel_map=self.channel_map, calibration=self.plan.calibration, main_lidar=self.plan.main_lidar,
-                include_pointcloud=opts.include_pointcloud, include_images=opts.include_images)
+                include_pointcloud=opts.include_pointcloud, include_images=opts.include_images,
+                frames=self.plan.frames, ego_poses=self.plan.ego_poses)
         return self._converter
 
     def convert_frame(self, frame: LoadedFrame) -> dict[str, list[dict[str, Any]]]:
@@ -73,7 +77,7 @@ class NuScenesFormat(OutputFormat):
     def merge(self, tables: dict[str, pa.Table]) -> dict[str, int]:
         """Link and write the tables under ``<output_dir>/<request.version>/``; returns counts (frames, samples,
         sample_data, annotations, instances, dropped_unknown_types and per-type ``dropped_unknown_type.<t>``,
-        skipped channels, missing images, attributes...)."""
+        skipped channels, missing images and those filled from the nearest frame, attributes...)."""
         plan = self.plan
         builder = TableBuilder(
             project=plan.project_name, frame_order={f.frame_id: i for i, f in enumerate(plan.frames)},
@@ -87,6 +91,11 @@ class NuScenesFormat(OutputFormat):
         counts["frames"] = len(plan.frames)
         counts["scenes"] = len(out["scene"])
         if plan.request.export_options.include_images:
-            counts["missing_images"] = sum(1 for f in plan.frames for ch, path in f.cameras.items()
-                                           if path is None and ch in self.channel_map)
+            missing = [(i, ch) for i, f in enumerate(plan.frames) for ch, path in f.cameras.items()
+                       if path is None and ch in self.channel_map]
+            counts["missing_images"] = len(missing)
+            if self.mapping.missing_image_policy == "nearest":
+                images = ImageIndex(plan.frames)
+                counts["filled_images"] = sum(1 for i, ch in missing if plan.key_frames[i]
+                                              and images.nearest(ch, plan.frames[i].timestamp_us) is not None)
         return dict(sorted(counts.items()))

@@ -8,11 +8,22 @@ Arrow schema is the same.
 Frames and units: lidar files hold the main lidar's points in the **lidar sensor frame** (x, y, z metres,
 intensity, ring: 5 little-endian float32 per point); annotation centres/rotations are in the **global** frame
 (global = ego→global ∘ lidar→ego ∘ box); sizes are [width, length, height] metres; timestamps Unix µs.
+
+Missing images (``missing_image_policy`` in the mapping): with ``nearest``, a key frame whose image of a camera
+is missing gets, as that camera's key-frame sample_data, the image of the plan's frame nearest in time that has
+one (``ImageIndex``), the way nuScenes pairs each sample with the closest image of every camera: the row keeps
+that image's timestamp and gets an ego_pose of its own with the neighbour frame's time and pose. The plan lists
+every frame's images and poses, so each batch decides this alone, the same way every time (idempotent, no
+cross-batch state). The image is copied (not linked: the neighbour's own copy may be written by another batch
+on another machine) to the *sample's* filename slot, ``samples/<CH>/<logfile>__<CH>__<sample ts>.jpg``, which
+no other sample_data can use since this frame has no image of its own for that camera.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +35,7 @@ from stages.formats.nuscenes.mapping import NuScenesMapping, normalise_name
 from stages.formats.nuscenes.tokens import make_token
 from stages.formats.nuscenes.vocabulary import LIDAR_CHANNEL
 from stages.geometry import Pose, box_to_parent
-from stages.model import LoadedFrame, SensorCalib
+from stages.model import FrameRef, LoadedFrame, SensorCalib
 
 JPEG_QUALITY = 95  # only used when a source image is not a JPEG (PNG) and must be re-encoded
 
@@ -66,12 +77,42 @@ def write_image(src: str, dest: Path, frame_id: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+class ImageIndex:
+    """The plan's frames that have an image, per source camera channel, for nearest-in-time lookups."""
+
+    def __init__(self, frames: list[FrameRef]):
+        per_channel: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for index, ref in enumerate(frames):
+            for source, path in ref.cameras.items():
+                if path is not None:
+                    per_channel[source].append((ref.timestamp_us, index))
+        self._times: dict[str, list[int]] = {}
+        self._indices: dict[str, list[int]] = {}
+        for source, rows in per_channel.items():
+            rows.sort()
+            self._times[source] = [t for t, _ in rows]
+            self._indices[source] = [i for _, i in rows]
+
+    def nearest(self, source: str, timestamp_us: int) -> int | None:
+        """Index (in the plan) of the frame nearest in time to ``timestamp_us`` that has an image of ``source``;
+        the earlier one on a tie; None when no frame has one."""
+        times = self._times.get(source)
+        if not times:
+            return None
+        i = bisect.bisect_left(times, timestamp_us)
+        candidates = [k for k in (i - 1, i) if 0 <= k < len(times)]
+        best = min(candidates, key=lambda k: (abs(times[k] - timestamp_us), times[k]))
+        return self._indices[source][best]
+
+
 class FrameConverter:
     """Converts frames of one plan; built once per batch."""
 
     def __init__(self, *, project: str, output_dir: Path, mapping: NuScenesMapping, channel_map: dict[str, str],
                  calibration: dict[str, SensorCalib], main_lidar: str, include_pointcloud: bool,
-                 include_images: bool):
+                 include_images: bool, frames: list[FrameRef] | None = None, ego_poses: list[Pose] | None = None):
+        """``frames`` / ``ego_poses``: every frame of the plan with its ego pose, needed by the ``nearest``
+        missing-image policy (without them, missing images are skipped)."""
         self.project = project
         self.output_dir = Path(output_dir)
         self.mapping = mapping
@@ -81,6 +122,17 @@ class FrameConverter:
         self.include_pointcloud = include_pointcloud
         self.include_images = include_images
         self.scene_token = make_token(project, "scene", project)
+        self.fill_missing = (include_images and mapping.missing_image_policy == "nearest" and frames is not None
+                             and ego_poses is not None)
+        self.frames = frames or []
+        self.ego_poses = ego_poses or []
+        self._images: ImageIndex | None = None
+
+    @property
+    def images(self) -> ImageIndex:
+        if self._images is None:
+            self._images = ImageIndex(self.frames)
+        return self._images
 
     def token(self, table: str, *key: object) -> str:
         return make_token(self.project, table, *key)
@@ -94,16 +146,19 @@ class FrameConverter:
             rows["sample"] = [{"token": sample_token, "timestamp": ref.timestamp_us, "scene_token": self.scene_token,
                                "frame_id": ref.frame_id}]
 
-        def add_sample_data(channel: str, filename: str, fileformat: str, width: int, height: int) -> None:
+        def add_sample_data(channel: str, filename: str, fileformat: str, width: int, height: int,
+                            timestamp_us: int = ref.timestamp_us, ego_pose: Pose = frame.ego_pose) -> None:
+            """One sample_data row of this frame and its ego_pose row (same timestamp). A filled-in camera
+            passes the neighbour image's own timestamp and ego pose."""
             ego_token = self.token("ego_pose", channel, ref.frame_id)
             rows["ego_pose"].append({
-                "token": ego_token, "timestamp": ref.timestamp_us, "frame_id": ref.frame_id, "channel": channel,
-                "translation": [float(v) for v in frame.ego_pose.translation],
-                "rotation": [float(v) for v in frame.ego_pose.rotation]})
+                "token": ego_token, "timestamp": timestamp_us, "frame_id": ref.frame_id, "channel": channel,
+                "translation": [float(v) for v in ego_pose.translation],
+                "rotation": [float(v) for v in ego_pose.rotation]})
             rows["sample_data"].append({
                 "token": self.token("sample_data", channel, ref.frame_id), "frame_id": ref.frame_id,
                 "channel": channel, "sample_token": sample_token, "ego_pose_token": ego_token,
-                "calibrated_sensor_token": self.token("calibrated_sensor", channel), "timestamp": ref.timestamp_us,
+                "calibrated_sensor_token": self.token("calibrated_sensor", channel), "timestamp": timestamp_us,
                 "fileformat": fileformat, "is_key_frame": bool(key), "height": int(height), "width": int(width),
                 "filename": filename})
 
@@ -117,7 +172,11 @@ class FrameConverter:
         if self.include_images:
             for source, path in sorted(ref.cameras.items()):
                 channel = self.channel_map.get(source)
-                if channel is None or path is None:  # unmapped (reported at merge) or missing (reported by convert)
+                if channel is None:  # unmapped (reported at merge)
+                    continue
+                if path is None:  # missing (the convert stage adds a warning)
+                    if key and self.fill_missing:
+                        self._fill_missing_image(frame, source, channel, add_sample_data)
                     continue
                 name = sensor_filename(self.project, channel, ref.timestamp_us, key, lidar=False)
                 width, height = write_image(path, self.output_dir / name, ref.frame_id)
@@ -126,6 +185,27 @@ class FrameConverter:
         if key and frame.boxes:
             rows.update(self._annotations(frame, sample_token))
         return {table: table_rows for table, table_rows in rows.items() if table_rows}
+
+    def _fill_missing_image(self, frame: LoadedFrame, source: str, channel: str, add_sample_data) -> None:
+        """Policy ``nearest``: the key-frame sample_data of ``channel`` is the image of the nearest frame that has
+        one, with that frame's timestamp and ego pose, copied to this sample's filename slot."""
+        ref = frame.ref
+        j = self.images.nearest(source, ref.timestamp_us)
+        if j is None:  # no frame of the export has this camera's image: nothing to pair with
+            return
+        other = self.frames[j]
+        name = sensor_filename(self.project, channel, ref.timestamp_us, True, lidar=False)
+        width, height = write_image(other.cameras[source], self.output_dir / name, other.frame_id)
+        add_sample_data(channel, name, "jpg", width, height, timestamp_us=other.timestamp_us,
+                        ego_pose=self.ego_poses[j])
+        plain = f"missing image for camera {source}"
+        dt_ms = (other.timestamp_us - ref.timestamp_us) / 1000.0
+        message = (f"{plain}: {channel} of this sample uses the image of frame {other.frame_id} "
+                   f"({dt_ms:+.1f} ms), the nearest in time")
+        if plain in frame.warnings:
+            frame.warnings[frame.warnings.index(plain)] = message
+        else:
+            frame.warnings.append(message)
 
     def _annotations(self, frame: LoadedFrame, sample_token: str) -> dict[str, list[dict[str, Any]]]:
         """Annotation rows of a key frame: boxes in the global frame, category, rider flag, lidar point count."""

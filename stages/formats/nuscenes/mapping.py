@@ -10,6 +10,8 @@ from stages.formats.nuscenes.vocabulary import (CAMERA_CHANNELS, CATEGORIES, LID
 from stages.model import SensorCalib
 
 POLICIES = ("skip", "error")
+# missing_image_policy: what a key frame gets for a camera whose image is missing (see the YAML)
+MISSING_IMAGE_POLICIES = ("nearest", "skip")
 
 
 def normalise_name(name: str) -> str:
@@ -41,6 +43,7 @@ class NuScenesMapping:
     log_vehicle: str
     log_location: str
     split_name: str
+    missing_image_policy: str = "nearest"  # nearest | skip
 
     @staticmethod
     def from_dict(d: dict[str, Any], layout: str | None = None) -> "NuScenesMapping":
@@ -70,6 +73,10 @@ class NuScenesMapping:
         policy = d.get("unknown_type_policy", "skip")
         if policy not in POLICIES:
             raise ValueError(f"nuscenes mapping: unknown_type_policy must be one of {POLICIES}, got {policy!r}")
+        image_policy = d.get("missing_image_policy", "nearest")
+        if image_policy not in MISSING_IMAGE_POLICIES:
+            raise ValueError(f"nuscenes mapping: missing_image_policy must be one of {MISSING_IMAGE_POLICIES}, "
+                             f"got {image_policy!r}")
         aliases: dict[str, str] = {}
         known_channels = (LIDAR_CHANNEL, *CAMERA_CHANNELS, *RADAR_CHANNELS)
         for channel, names in (need("channels") or {}).items():
@@ -105,7 +112,8 @@ class NuScenesMapping:
         return NuScenesMapping(categories=categories, unknown_type_policy=policy, channel_aliases=aliases,
                                attributes=rules, default_visibility=visibility,
                                log_vehicle=str(log.get("vehicle", "nextpoints")),
-                               log_location=str(log.get("location", "unknown")), split_name=split_name)
+                               log_location=str(log.get("location", "unknown")), split_name=split_name,
+                               missing_image_policy=image_policy)
 
     def category_of(self, obj_type: str) -> str | None:
         """The nuScenes category of a source object type, None when the mapping has none."""

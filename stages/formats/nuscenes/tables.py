@@ -2,8 +2,9 @@
 
 Links made here (empty link = ""):
 - ``sample.prev/next`` in frame order; ``scene.first/last_sample_token`` and ``nbr_samples`` from that chain;
-- ``sample_data.prev/next`` per channel in frame order; a sweep's ``sample_token`` is the sample that follows
-  it (the last sample when none follows);
+- ``sample_data.prev/next`` per channel in timestamp order (then frame order: a camera image filled in from
+  the nearest frame has that frame's timestamp and sits next to that frame's own row, on the side of its
+  sample); a sweep's ``sample_token`` is the sample that follows it (the last sample when none follows);
 - ``sample_annotation.prev/next`` per instance; ``instance.first/last_annotation_token``, ``nbr_annotations``;
 - ``attribute_tokens``: at most one attribute, from the category family (vehicle / cycle / pedestrian), the
   source ``obj_attr`` flags, the instance's horizontal speed in the global frame (m/s, from the neighbouring
@@ -189,7 +190,7 @@ class TableBuilder:
         for r in rows:
             by_channel[r["channel"]].append(r)
         for channel_rows in by_channel.values():
-            channel_rows.sort(key=lambda r: self.order[r["frame_id"]])
+            channel_rows.sort(key=lambda r: (r["timestamp"], self.order[r["frame_id"]]))
             _link(channel_rows)
         for r in rows:
             if not r["is_key_frame"]:  # the sample that follows the sweep, else the last one
