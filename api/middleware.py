@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = structlog.get_logger("api")
 
 REQUEST_ID_HEADER = b"x-request-id"
-EXPORT_ID_HEADER = b"x-export-id"  # set by the routes that create an export (routes/exports.py)
+EXPORT_ID_HEADER = "X-Export-ID"  # set by the routes that create an export (routes/exports.py)
+_EXPORT_ID_KEY = EXPORT_ID_HEADER.lower().encode("latin-1")
 _MAX_REQUEST_ID = 64
 
 
@@ -44,7 +45,7 @@ class RequestLogMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                created = next((v for k, v in headers if k.lower() == EXPORT_ID_HEADER), None)
+                created = next((v for k, v in headers if k.lower() == _EXPORT_ID_KEY), None)
                 if created:  # the 202 of a new export: from here on, this request's lines are that export's
                     structlog.contextvars.bind_contextvars(export_id=created.decode("latin-1"))
                 message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id.encode("latin-1"))]

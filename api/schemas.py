@@ -37,7 +37,7 @@ class ExportStatus(BaseModel):
     total_frames_processed: int | None = None
     total_annotations_exported: int | None = None
     error_details: dict[str, Any] | None = Field(
-        None, description="what failed: {error, message, frame, file, stage, batch}")
+        None, description="what failed: {error, message, frame, file, stage, batch, attempts}")
     # extras beyond NextPoints' shape
     project: str | None = None
     export_format: str | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from pipeline.celery_app import app
-from pipeline.jobs import ACTIVE, FAILED, PROCESSING, JobStore, job_store, utc_now
+from pipeline.jobs import ACTIVE, PROCESSING, JobStore, job_store
 from pipeline.paths import EXPORT_ENTRY, remove_export_files
 from pipeline.settings import Settings, get_settings
 
@@ -68,12 +68,9 @@ def fail_stale_jobs(store: JobStore, settings: Settings, now: float | None = Non
             continue
         silent = int(now - heartbeat)
         message = f"no sign of life from the export's tasks for {silent} s (worker lost or time limit hit)"
-        applied, _ = store.update(export_id, allowed=(PROCESSING,), status=FAILED, completed_at=utc_now(),
-                                  message=message,
-                                  error={"error": "StaleExport", "message": message, "frame": None, "file": None,
-                                         "stage": None, "batch": None})
-        if applied:
-            store.request_stop(export_id, "failed")
+        error = {"error": "StaleExport", "message": message, "frame": None, "file": None, "stage": None,
+                 "batch": None}
+        if store.fail(export_id, error, allowed=(PROCESSING,)):
             stale.append(export_id)
             log.warning("stale export failed", export_id=export_id, silent_seconds=silent)
     return stale

@@ -48,10 +48,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_expires,
         "task_track_started": True,
         "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        # beat's tasks (sent without a queue) run here; canvas gives every task of an export its queue
         "task_default_queue": SMALL_QUEUE,
         "task_default_priority": 5,  # = canvas.celery_priority(5), the request default
-        "task_routes": {"export.discover": {"queue": SMALL_QUEUE},
-                        "export.beat.*": {"queue": SMALL_QUEUE}},
         # events for flower / `celery events`
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -9,7 +9,7 @@
     nextpoints-export convert PROJECT_DIR OUT_DIR [--format nuscenes|kitti] [--batch-size N] [--archive FMT]
                               [--coordinate-system global|ego_vehicle|lidar]
     nextpoints-export synth   OUT_ROOT --project NAME --frames N [--cameras 6] [--seed S] [--preset P]
-    nextpoints-export worker  [--concurrency N] [--loglevel L] [--hostname H] [-- CELERY WORKER ARGS...]
+    nextpoints-export worker  [--concurrency N] [--queues Q,...] [--loglevel L] [--hostname H] [-- CELERY ARGS...]
     nextpoints-export beat    [--schedule FILE] [--loglevel L] [-- CELERY BEAT ARGS...]
     nextpoints-export flower  [--port 5555] [-- CELERY FLOWER ARGS...]
 

@@ -63,7 +63,7 @@ class ExportJob:
     annotations: int | None = None
     filtered: dict[str, int] | None = None  # annotations dropped by the filter, per reason
     warnings: int | None = None
-    error: dict[str, Any] | None = None  # {error, message, frame, file, stage, batch}
+    error: dict[str, Any] | None = None  # {error, message, frame, file, stage, batch, attempts}
     result_path: str | None = None
     file_size: int | None = None
     progress: float = 0.0  # high-water mark, 0-100
@@ -145,8 +145,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "npx"):
         self.client = client
         self.prefix = prefix
-        self._update = client.register_script(_UPDATE)
-        self._raise_progress = client.register_script(_RAISE_PROGRESS)
         self._scripts: dict[str, Any] = {}
 
     # --- keys -------------------------------------------------------------------------------------------
@@ -189,9 +187,20 @@ class JobStore:
             if v is not None:
                 pairs += [k, encode_field(k, v)]
         allowed_text = "" if allowed is None else " ".join(allowed)
-        applied, before = self._update(keys=[self.key(export_id)], args=[allowed_text, len(unset), *unset, *pairs])
+        applied, before = self.script(_UPDATE)(keys=[self.key(export_id)],
+                                               args=[allowed_text, len(unset), *unset, *pairs])
         before = _text(before) or None
         return bool(applied), before
+
+    def fail(self, export_id: str, error: dict[str, Any], *, allowed: Iterable[str] = ACTIVE) -> bool:
+        """End the job ``failed`` with ``error`` (its error report, whose ``message`` becomes the job's) while
+        its status is one of ``allowed``, and raise its stop flag so that its other tasks stop. False when the
+        job was not in ``allowed`` (an earlier failure, or a cancel, wins)."""
+        applied, _ = self.update(export_id, allowed=allowed, status=FAILED, error=error, completed_at=utc_now(),
+                                 message=error["message"])
+        if applied:
+            self.request_stop(export_id, FAILED)
+        return applied
 
     def heartbeat(self, export_id: str, **values: Any) -> bool:
         """Record a sign of life (and optional fields) while the job is active."""
@@ -200,7 +209,7 @@ class JobStore:
 
     def raise_progress(self, export_id: str, value: float) -> float:
         """Store ``value`` as the progress high-water mark if it is higher; return the mark."""
-        return float(self._raise_progress(keys=[self.key(export_id)], args=[repr(float(value))]))
+        return float(self.script(_RAISE_PROGRESS)(keys=[self.key(export_id)], args=[repr(float(value))]))
 
     def retry_policy(self, export_id: str) -> dict[str, Any] | None:
         """The export's stored automatic-retry policy (None = the service-wide one)."""

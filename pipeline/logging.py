@@ -102,7 +102,3 @@ def configure_cli_logging(level: int | str = logging.INFO) -> None:
     import os
 
     configure_logging("json" if os.environ.get("NPX_LOG_FORMAT", "").lower() == "json" else "console", level)
-
-
-def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)

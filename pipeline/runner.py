@@ -24,9 +24,9 @@ from typing import Any, Iterator, TextIO
 import structlog
 
 from pipeline.embedded import EmbeddedRedis, environment_for
+from pipeline.jobs import FINISHED
 
 log = structlog.get_logger("pipeline.runner")
-FINISHED = ("completed", "failed", "cancelled")
 POLL_EVERY = 0.25  # seconds between status polls while following an export
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import structlog
 
 from pipeline.cli import beat_command, worker_command
-from pipeline.embedded import EmbeddedRedis, environment_for
 
 log = structlog.get_logger("pipeline.serve")
 DEMO_PROJECT, DEMO_FRAMES = "my_project", 40
@@ -66,49 +65,38 @@ def _watch(children: dict[str, subprocess.Popen], stopping: threading.Event, die
 
 def serve(*, data_root: Path | None = None, export_root: Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, concurrency: int | None = None, loglevel: str = "info") -> int:
-    from pipeline.celery_app import reconfigure
     from pipeline.logging import configure_logging
-    from pipeline.settings import get_settings, reset_settings
+    from pipeline.runner import local_pipeline, set_roots
+    from pipeline.settings import get_settings
 
     # until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C (so `finally` stops the children)
     signal.signal(signal.SIGTERM, _interrupt)
-    if export_root is not None:
-        os.environ["NPX_EXPORT_ROOT"] = str(Path(export_root).resolve())
-    reset_settings()
+    set_roots(export_root=export_root)
     configure_logging(get_settings().log_format, loglevel)
-    export_root = get_settings().export_root.resolve()
-    export_root.mkdir(parents=True, exist_ok=True)
-    os.environ["NPX_EXPORT_ROOT"] = str(export_root)
     if data_root is None and "NPX_DATA_ROOT" not in os.environ:
-        data_root = demo_data(export_root)
-    if data_root is not None:
-        os.environ["NPX_DATA_ROOT"] = str(Path(data_root).resolve())
+        data_root = demo_data(get_settings().export_root.resolve())
+    set_roots(data_root=data_root)
 
-    redis_server: EmbeddedRedis | None = None
     children: dict[str, subprocess.Popen] = {}
     stopping = threading.Event()
     died: list[str] = []
     try:
-        if "CELERY_BROKER_URL" not in os.environ:
-            redis_server = EmbeddedRedis(export_root / ".redis").start()
-            os.environ.update(environment_for(redis_server.url))
-        reconfigure()
-        settings = get_settings()
-        log.info("serving", data_root=str(settings.data_root), export_root=str(settings.export_root),
-                 broker=settings.broker_url, host=host, port=port)
-        # own sessions: a terminal's Ctrl-C reaches only us, and we stop the children in order
-        children["worker"] = subprocess.Popen(worker_command(concurrency, loglevel), start_new_session=True)
-        children["beat"] = subprocess.Popen(beat_command(loglevel=loglevel), start_new_session=True)
-        threading.Thread(target=_watch, args=(children, stopping, died), daemon=True).start()
-        import uvicorn
+        with local_pipeline():  # the configured broker, or the embedded Redis until the children have stopped
+            try:
+                settings = get_settings()
+                log.info("serving", data_root=str(settings.data_root), export_root=str(settings.export_root),
+                         broker=settings.broker_url, host=host, port=port)
+                # own sessions: a terminal's Ctrl-C reaches only us, and we stop the children in order
+                children["worker"] = subprocess.Popen(worker_command(concurrency, loglevel), start_new_session=True)
+                children["beat"] = subprocess.Popen(beat_command(loglevel=loglevel), start_new_session=True)
+                threading.Thread(target=_watch, args=(children, stopping, died), daemon=True).start()
+                import uvicorn
 
-        uvicorn.run("api.main:app", host=host, port=port, log_config=None, log_level=loglevel)
+                uvicorn.run("api.main:app", host=host, port=port, log_config=None, log_level=loglevel)
+            finally:
+                stopping.set()
+                for name, child in reversed(children.items()):
+                    stop_child(child, name)
     except KeyboardInterrupt:
         pass
-    finally:
-        stopping.set()
-        for name, child in reversed(children.items()):
-            stop_child(child, name)
-        if redis_server is not None:
-            redis_server.stop()
     return 1 if died else 0

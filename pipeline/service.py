@@ -245,6 +245,7 @@ def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[
     except Exception as exc:
         store.update(export_id, allowed=(PROCESSING,), status=FAILED, error=job.error, message=job.message,
                      completed_at=utc_now())
+        store.request_stop(export_id, FAILED)  # as every failed job: nothing of it may run on
         raise RuntimeError(f"could not queue the rerun of export {export_id}: {exc}") from exc
     log.info("export rerun", export_id=export_id, stage=stage, only_failed=only_failed, batches=len(batches),
              staged_batches=len(plan.batches) - len(missing), queue=queue)
@@ -260,10 +261,21 @@ def list_exports(offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]]
 
 def archive_for_download(export_id: str) -> Path:
     """The archive of a completed export (a folder for ``compress_output: false``)."""
+    return download(export_id)[0]
+
+
+def download(export_id: str) -> tuple[Path, str]:
+    """The archive of a completed export (a folder for ``compress_output: false``) and the file name it is
+    offered under, ``<project>_<archive name>``, from one read of the job record."""
     job = job_store().get(export_id)
     if job.status != COMPLETED or not job.result_path:
         raise ExportNotReady(export_id, job.status)
     path = Path(job.result_path)
     if not path.exists():
         raise JobNotFound(export_id)  # completed, but the archive was cleaned up meanwhile
-    return path
+    return path, f"{job.project}_{path.name}"
+
+
+def ping() -> None:
+    """Raise unless the pipeline's Redis (broker, result backend, job records) answers."""
+    job_store().client.ping()

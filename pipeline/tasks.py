@@ -17,7 +17,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from pipeline import canvas
 from pipeline.celery_app import app
-from pipeline.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, StopFlag, job_store, utc_now
+from pipeline.jobs import CANCELLED, COMPLETED, PENDING, PROCESSING, StopFlag, job_store, utc_now
 from pipeline.paths import remove_export_files
 from pipeline.retry_policy import RetryPolicy
 from pipeline.settings import get_settings
@@ -40,7 +40,7 @@ def error_details(exc: BaseException, stage: str, batch: int | None, attempts: i
         details = exc.to_dict()
     else:
         details = {"error": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-                   "frame": None, "file": None}
+                   "frame": getattr(exc, "frame", None), "file": getattr(exc, "filename", None)}
         if isinstance(exc, SoftTimeLimitExceeded):
             details["message"] = f"time limit of {get_settings().task_time_limit} s exceeded"
     return {**details, "stage": stage, "batch": batch, "attempts": attempts}
@@ -48,12 +48,8 @@ def error_details(exc: BaseException, stage: str, batch: int | None, attempts: i
 
 def record_failure(export_id: str, stage: str, batch: int | None, exc: BaseException, attempts: int = 1) -> None:
     """End the job ``failed`` with the error (first failure wins) and stop its other batches."""
-    store = job_store()
     details = error_details(exc, stage, batch, attempts)
-    applied, _ = store.update(export_id, status=FAILED, error=details, completed_at=utc_now(),
-                              message=details["message"])
-    if applied:
-        store.request_stop(export_id, "failed")
+    job_store().fail(export_id, details)
     log.error("stage failed", error=details["error"], message=details["message"], file=details["file"],
               frame=details["frame"], attempts=attempts, exc_info=not isinstance(exc, LocatedError))
 

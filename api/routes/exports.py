@@ -6,7 +6,6 @@ runs them in its thread pool.
 """
 from __future__ import annotations
 
-from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
@@ -14,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
 from api.deps import bind_export_id
+from api.middleware import EXPORT_ID_HEADER
 from api.schemas import Error, ExportCreated, ExportList, ExportStatus
 from pipeline import service
 from stages.request import ExportFormatName, ExportRequest
@@ -29,9 +29,6 @@ CONFLICT = {409: {"model": Error}}
 MEDIA_TYPES = {".zip": "application/zip", ".gz": "application/gzip", ".zst": "application/zstd"}
 
 
-EXPORT_ID_HEADER = "X-Export-ID"  # names the created export: the request log middleware tags its lines with it
-
-
 def _start(project: str, request: ExportRequest, export_format: ExportFormatName,
            response: Response) -> ExportCreated:
     """The path fixes the format; a body that asks for another one is a mistake, not a choice."""
@@ -41,7 +38,7 @@ def _start(project: str, request: ExportRequest, export_format: ExportFormatName
             "msg": f"this endpoint exports {export_format.value!r}; "
                    f"drop export_format or use the {request.export_format.name} endpoint"}])
     job = service.start_export(project, request, export_format=export_format.value)
-    response.headers[EXPORT_ID_HEADER] = job["task_id"]
+    response.headers[EXPORT_ID_HEADER] = job["task_id"]  # the request log middleware tags its lines with it
     return ExportCreated(**job)
 
 
@@ -79,11 +76,10 @@ def cancel_export(task_id: TaskId) -> dict:
 @router.get("/export/download/{task_id}", response_class=FileResponse, responses={**NOT_FOUND, **CONFLICT},
             summary="Download the archive of a completed export (409 before completion)")
 def download_export(task_id: TaskId) -> FileResponse:
-    archive: FilePath = service.archive_for_download(task_id)
+    archive, filename = service.download(task_id)
     if archive.is_dir():
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"export {task_id} was made with compress_output=false: its output is a folder "
                             "on the server (under the export root), not an archive to download")
-    project = service.export_status(task_id)["project"]  # see report: archive_for_download should name it
-    return FileResponse(archive, filename=f"{project}_{archive.name}",
+    return FileResponse(archive, filename=filename,
                         media_type=MEDIA_TYPES.get(archive.suffix, "application/octet-stream"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from pipeline.jobs import job_store
+from pipeline import service
 
 router = APIRouter(tags=["health"])
 
@@ -11,7 +11,7 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", summary="200 when Redis (broker, result backend, job records) answers, 503 otherwise")
 def healthz(response: Response) -> dict:
     try:
-        job_store().client.ping()
+        service.ping()
     except Exception as exc:  # any failure to reach Redis means "not healthy", whatever its type
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "unavailable", "redis": False, "detail": f"{type(exc).__name__}: {exc}"}
