@@ -88,6 +88,12 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
             frame_rows = fmt.convert_frame(frame)
         except LocatedError as err:
             raise err.at_frame(ref.frame_id)
+        except CancelledExport:
+            raise
+        except Exception as err:  # a bug or an unexpected error: still say which frame it hit
+            err.frame = ref.frame_id  # read by the pipeline's error report
+            err.add_note(f"while converting frame {ref.frame_id}")
+            raise
         removed_total.update(removed)
         n_annotations += len(frame.boxes)
         warnings.extend({"frame": ref.frame_id, "warning": w} for w in frame.warnings)

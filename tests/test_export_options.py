@@ -216,3 +216,23 @@ def test_each_archive_format_holds_the_dataset_and_its_manifest(small_project, t
     assert manifest["counts"]["annotations"] == run.merged.annotations
     assert run.packed.archive_format == archive
     NuScenes(VERSION, str(out), verbose=False)
+
+
+def test_an_unexpected_error_in_a_frame_still_names_the_frame(small_project, tmp_path, monkeypatch):
+    """Not every failure is a known input error; the job's report must still say which frame it hit."""
+    from stages.formats.nuscenes import NuScenesFormat
+    from pipeline.tasks import error_details
+
+    frames = list(label_files(small_project))
+
+    def broken(self, frame):
+        if frame.ref.frame_id == frames[3]:
+            raise KeyError("calibration")
+        return original(self, frame)
+
+    original = NuScenesFormat.convert_frame
+    monkeypatch.setattr(NuScenesFormat, "convert_frame", broken)
+    with pytest.raises(KeyError) as info:
+        export(small_project, tmp_path / "ds")
+    details = error_details(info.value, "convert", 0)
+    assert details["frame"] == frames[3] and details["error"] == "KeyError"
