@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from stages.compress import archive_path
-from stages.request import ArchiveFormat, ExportRequest
+from stages.request import ExportRequest
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Export ids are uuid4 strings; cleanup only ever deletes export-root entries named after one.
@@ -30,13 +30,8 @@ def project_dir(data_root: Path, project: str) -> Path | None:
     return None
 
 
-def archive_format(request: ExportRequest) -> ArchiveFormat:
-    opts = request.export_options
-    return opts.output_format if opts.compress_output else ArchiveFormat.none
-
-
 def archive_for(export_root: Path, export_id: str, request: ExportRequest) -> Path:
-    return archive_path(export_root, export_id, archive_format(request))
+    return archive_path(export_root, export_id, request.export_options.archive_format)
 
 
 def staging_for(export_root: Path, export_id: str) -> Path:

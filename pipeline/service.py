@@ -22,7 +22,7 @@ from pipeline.jobs import (ACTIVE, CANCELLED, COMPLETED, FAILED, FINISHED, PENDI
 from pipeline.paths import archive_for, project_dir as find_project_dir, remove_export_files, staging_for
 from pipeline.retry_policy import RetryPolicy
 from pipeline.settings import get_settings
-from stages.convert import read_batch_result
+from stages.convert import missing_batches
 from stages.discover import load_mapping_for
 from stages.errors import InputError
 from stages.formats import get_format
@@ -216,7 +216,7 @@ def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[
     except FileNotFoundError:
         raise JobNotRetryable(export_id, f"its plan is not staged ({staging}): it failed in discover or its "
                                          "files were cleaned up; start a new export") from None
-    missing = [i for i in range(len(plan.batches)) if read_batch_result(plan, i) is None]
+    missing = missing_batches(plan)
     if stage == "convert":
         batches = missing if only_failed else list(range(len(plan.batches)))
     elif missing:

@@ -77,8 +77,7 @@ def compress(staging_dir: str | Path, dest: str | Path) -> CompressResult:
     """Pack the dataset tree of the export in ``staging_dir`` into ``dest`` (a file for archives, a folder for
     ``none``); the archive format comes from the request (``compress_output: false`` means ``none``)."""
     plan = ExportPlan.load(staging_dir)
-    opts = plan.request.export_options
-    fmt = opts.output_format if opts.compress_output else ArchiveFormat.none
+    fmt = plan.request.export_options.archive_format
     output_dir = plan.output_dir
     manifest = write_manifest(plan, output_dir)
     dest = Path(dest)

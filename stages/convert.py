@@ -134,3 +134,8 @@ def read_batch_result(plan: ExportPlan, batch_index: int) -> BatchResult | None:
         return None
     with open(path, encoding="utf-8") as f:
         return BatchResult(**json.load(f))
+
+
+def missing_batches(plan: ExportPlan) -> list[int]:
+    """Indices of the plan's batches that have no staged result yet (not converted, or failed)."""
+    return [i for i in range(len(plan.batches)) if read_batch_result(plan, i) is None]

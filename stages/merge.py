@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from stages.convert import read_batch_result
+from stages.convert import missing_batches, read_batch_result
 from stages.errors import ExportError
 from stages.formats import get_format
 from stages.plan import MERGE_FILE, ExportPlan, write_json_atomic
@@ -32,7 +32,7 @@ class MergeResult:
 
 def read_batch_tables(plan: ExportPlan) -> dict[str, pa.Table]:
     """One concatenated table per table name over all batches, in batch order. Every batch must be done."""
-    missing = [i for i in range(len(plan.batches)) if read_batch_result(plan, i) is None]
+    missing = missing_batches(plan)
     if missing:
         raise ExportError(f"cannot merge: batches {missing[:10]} have not been converted")
     parts: dict[str, list[pa.Table]] = {}

@@ -60,6 +60,11 @@ class ExportOptions(Strict):
     output_format: ArchiveFormat = ArchiveFormat.zip
     coordinate_precision: int | None = Field(None, ge=0, le=12, description="decimals kept in table floats")
 
+    @property
+    def archive_format(self) -> ArchiveFormat:
+        """What compress writes: ``output_format``, or a plain folder when ``compress_output`` is false."""
+        return self.output_format if self.compress_output else ArchiveFormat.none
+
 
 class FrameSelection(Strict):
     """NextPoints' nested spelling of the frame selection; lifted to the top-level fields on validation."""
