@@ -1,15 +1,30 @@
 """The interface every input layout implements (one module per layout in ``stages/sources/``)."""
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from stages.errors import InputUnavailable, PointCloudError
+from stages.errors import InputError, InputUnavailable, PointCloudError, unreadable
 from stages.geometry import Pose
 from stages.model import BoxLabel, FrameRef, SensorCalib
+
+
+def read_json_input(path: str | Path, frame: str | None = None) -> Any:
+    """An input JSON file (label, pose, calibration); errors name the file and frame. A missing or broken file
+    is an ``InputError``; any other read error an ``InputUnavailable`` (it may pass: retried by the pipeline)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError("file not found", path=path, frame=frame) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON: {exc}", path=path, frame=frame) from None
+    except OSError as exc:
+        raise unreadable(exc, path, frame) from None
 
 
 class ProjectSource(ABC):

@@ -16,7 +16,6 @@ the recording. Any other key is rejected.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import cached_property
@@ -25,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import InputError, unreadable
+from stages.errors import InputError
 from stages.geometry import Pose, euler_xyz_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
-from stages.sources.base import ProjectSource
+from stages.sources.base import ProjectSource, read_json_input
 
 INNER_DIR = "nextpoints"
 DEFAULT_MAIN_LIDAR = "lidar-fusion"
@@ -71,17 +70,6 @@ def _stems(path: Path, suffixes: tuple[str, ...]) -> dict[str, str]:
                 break
     return {stem: p for stem, (_, p) in found.items()}
 
-
-def _read_json(path: str | Path, frame: str | None = None) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError("file not found", path=path, frame=frame) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON: {exc}", path=path, frame=frame) from None
-    except OSError as exc:  # may pass (permission, I/O error): InputUnavailable, retried by the pipeline
-        raise unreadable(exc, path, frame) from None
 
 
 class _Where:
@@ -248,7 +236,7 @@ class NextPointsSource(ProjectSource):
     @staticmethod
     def _parse_calib(path: str) -> SensorCalib:
         """One ``calib/<channel>.json``: the sensor→ego pose and, for cameras, the pinhole intrinsics (pixels)."""
-        d = _read_json(path)
+        d = read_json_input(path)
         where = _Where(path)
         if not isinstance(d, dict):
             raise InputError("calibration must be a JSON object", path=path)
@@ -347,11 +335,11 @@ class NextPointsSource(ProjectSource):
         """ego→global (map) pose of ``frame`` in metres, or None when it has no pose file."""
         if frame.ego_pose is None:
             return None
-        return _pose(_read_json(frame.ego_pose, frame.frame_id), "ego pose",
+        return _pose(read_json_input(frame.ego_pose, frame.frame_id), "ego pose",
                      _Where(frame.ego_pose, frame.frame_id))
 
     def read_labels(self, frame: FrameRef) -> list[BoxLabel]:
         """Boxes of ``frame`` in the main lidar frame; [] when the frame has no label file."""
         if frame.label is None:
             return []
-        return parse_labels(_read_json(frame.label, frame.frame_id), frame.label, frame.frame_id)
+        return parse_labels(read_json_input(frame.label, frame.frame_id), frame.label, frame.frame_id)

@@ -49,7 +49,6 @@ float32 x, y, z, intensity (16 bytes per point). Ring is 0 when the file has non
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -63,7 +62,7 @@ from stages.errors import InputError, PointCloudError, unreadable
 from stages.geometry import Pose, euler_xyz_to_quat, matrix_to_quat, quat_from_xyzw
 from stages.model import BoxLabel, FrameRef, SensorCalib
 from stages.pcd import read_points_xyzir
-from stages.sources.base import ProjectSource
+from stages.sources.base import ProjectSource, read_json_input
 
 LIDAR_CHANNEL = "lidar"
 POINT_SUFFIXES = (".pcd", ".bin")
@@ -162,7 +161,7 @@ class SustechSource(ProjectSource):
         if not path.is_file():
             raise InputError(f"camera folder camera/{cam} has no calibration file calib/camera/{cam}.json",
                              path=path)
-        data = _load_json(path, frame=None)
+        data = read_json_input(path, frame=None)
         if not isinstance(data, dict):
             raise InputError("camera calibration is not a JSON object", path=path)
         keys = [k for k in ("extrinsic", "lidar_to_camera") if k in data]
@@ -247,7 +246,7 @@ class SustechSource(ProjectSource):
     def read_ego_pose(self, frame: FrameRef) -> Pose | None:
         if frame.ego_pose is None:
             return None
-        data = _load_json(Path(frame.ego_pose), frame.frame_id)
+        data = read_json_input(Path(frame.ego_pose), frame.frame_id)
         if not isinstance(data, dict) or "transform" not in data:
             return None  # an INS record: not interpreted (see the module docstring)
         try:
@@ -267,7 +266,7 @@ class SustechSource(ProjectSource):
         if frame.label is None:
             return []
         path = Path(frame.label)
-        data = _load_json(path, frame.frame_id)
+        data = read_json_input(path, frame.frame_id)
         if isinstance(data, dict):
             if not isinstance(data.get("objs"), list):
                 raise InputError("label file is an object without an 'objs' list", path=path, frame=frame.frame_id)
@@ -301,17 +300,6 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
                 found[p.stem] = p
     return found
 
-
-def _load_json(path: Path, frame: str | None) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError("file not found", path=path, frame=frame) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON: {exc}", path=path, frame=frame) from None
-    except OSError as exc:  # may pass (permission, I/O error): InputUnavailable, retried by the pipeline
-        raise unreadable(exc, path, frame) from None
 
 
 def _matrix(value: Any, shape: tuple[int, int], key: str, path: Path) -> np.ndarray:
