@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,48 @@ class MergeResult:
         return asdict(self)
 
 
-def read_batch_tables(plan: ExportPlan) -> dict[str, pa.Table]:
-    """One concatenated table per table name over all batches, in batch order. Every batch must be done."""
+class BatchTables(Mapping[str, pa.Table]):
+    """The staged tables of every batch, read on access: ``tables[name]`` reads that table's Arrow files of all
+    batches (in batch order) and concatenates them. Nothing is cached, so a format that handles one table at a
+    time holds only that one in memory. ``read(name, columns)`` keeps only some columns."""
+
+    def __init__(self, plan: ExportPlan):
+        self._files: dict[str, list[Path]] = {}
+        for i in range(len(plan.batches)):
+            for path in sorted(plan.batch_dir(i).glob("*.arrow")):
+                self._files.setdefault(path.stem, []).append(path)
+
+    def read(self, name: str, columns: Sequence[str] | None = None) -> pa.Table | None:
+        """Table ``name`` over all batches (only ``columns`` when given, in that order); None when no batch has it."""
+        parts = []
+        for path in self._files.get(name, ()):
+            with ipc.open_file(str(path)) as reader:
+                table = reader.read_all()
+            parts.append(table if columns is None else table.select(list(columns)))
+        return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+    def __getitem__(self, name: str) -> pa.Table:
+        table = self.read(name)
+        if table is None:
+            raise KeyError(name)
+        return table
+
+    def __contains__(self, name: object) -> bool:  # without reading the table
+        return name in self._files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_batch_tables(plan: ExportPlan) -> BatchTables:
+    """The tables of all batches by name, read on access (see ``BatchTables``). Every batch must be done."""
     missing = missing_batches(plan)
     if missing:
         raise ExportError(f"cannot merge: batches {missing[:10]} have not been converted")
-    parts: dict[str, list[pa.Table]] = {}
-    for i in range(len(plan.batches)):
-        for path in sorted(plan.batch_dir(i).glob("*.arrow")):
-            with ipc.open_file(str(path)) as reader:
-                parts.setdefault(path.stem, []).append(reader.read_all())
-    return {name: pa.concat_tables(tables, promote_options="permissive") for name, tables in parts.items()}
+    return BatchTables(plan)
 
 
 def merge_tables(staging_dir: str | Path) -> MergeResult:

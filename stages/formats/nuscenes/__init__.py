@@ -18,6 +18,7 @@ files and rows), ``tables.py`` (links and table writing), ``mapping.py`` (``conf
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ from stages.errors import RequestError
 from stages.formats.base import OutputFormat
 from stages.formats.nuscenes.convert import FrameConverter, ImageIndex
 from stages.formats.nuscenes.mapping import NuScenesMapping
-from stages.formats.nuscenes.tables import TableBuilder, apply_precision, write_dataset
 from stages.model import LoadedFrame
 from stages.request import CoordinateSystem
 
@@ -74,22 +74,29 @@ class NuScenesFormat(OutputFormat):
         """Write the frame's lidar file (``samples/`` or ``sweeps/``) and camera JPEGs; return its rows."""
         return self.converter.convert(frame)
 
-    def merge(self, tables: dict[str, pa.Table]) -> dict[str, int]:
+    def merge(self, tables: Mapping[str, pa.Table]) -> dict[str, int]:
         """Link and write the tables under ``<output_dir>/<request.version>/``; returns counts (frames, samples,
         sample_data, annotations, instances, dropped_unknown_types and per-type ``dropped_unknown_type.<t>``,
-        skipped channels, missing images and those filled from the nearest frame, attributes...)."""
+        skipped channels, missing images and those filled from the nearest frame, attributes...).
+
+        Tables are built and written one at a time, each from only the staged columns it needs (``tables`` may
+        be a ``stages.merge.BatchTables``, which reads them on demand)."""
+        # imported here: tables.py needs pyarrow.compute (~9 MB RSS), which convert workers need not load
+        from stages.formats.nuscenes.tables import TableBuilder, write_dataset
+
         plan = self.plan
         builder = TableBuilder(
             project=plan.project_name, frame_order={f.frame_id: i for i, f in enumerate(plan.frames)},
             first_timestamp_us=min(f.timestamp_us for f in plan.frames), mapping=self.mapping,
             channel_map=self.channel_map, skipped_channels=self.skipped_channels, calibration=plan.calibration)
-        out = builder.build(tables)
-        apply_precision(out, plan.request.export_options.coordinate_precision)
-        write_dataset(self.output_dir, plan.request.version, out,
-                      {self.mapping.split_name: [scene["name"] for scene in out["scene"]]})
+        # one project is one scene, named after the project
+        written = write_dataset(self.output_dir, plan.request.version, builder.build(tables),
+                                {self.mapping.split_name: [plan.project_name]},
+                                plan.request.export_options.coordinate_precision)
         counts = dict(builder.counts)
+        counts.update({f"table.{name}": n for name, n in written.items()})
         counts["frames"] = len(plan.frames)
-        counts["scenes"] = len(out["scene"])
+        counts["scenes"] = written["scene"]
         if plan.request.export_options.include_images:
             missing = [(i, ch) for i, f in enumerate(plan.frames) for ch, path in f.cameras.items()
                        if path is None and ch in self.channel_map]
