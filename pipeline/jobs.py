@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -30,6 +31,9 @@ PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = "pending", "processing", "co
 ACTIVE = (PENDING, PROCESSING)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 STOP_FLAG_TTL = 7 * 24 * 3600
+# What an export id may look like (the service makes uuid4s). Anything else names no export: a ':' in
+# particular would address another key of the record (``<id>:stop``), so it never reaches Redis.
+EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def utc_now() -> str:
@@ -149,6 +153,9 @@ class JobStore:
 
     # --- keys -------------------------------------------------------------------------------------------
     def key(self, export_id: str) -> str:
+        """The record's key; ``JobNotFound`` for a string that cannot be an export id."""
+        if not EXPORT_ID.match(export_id):
+            raise JobNotFound(export_id)
         return f"{self.prefix}:export:{export_id}"
 
     @property
@@ -156,7 +163,7 @@ class JobStore:
         return f"{self.prefix}:exports"
 
     def stop_key(self, export_id: str) -> str:
-        return f"{self.prefix}:export:{export_id}:stop"
+        return f"{self.key(export_id)}:stop"
 
     # --- records ----------------------------------------------------------------------------------------
     def create(self, job: ExportJob) -> ExportJob:

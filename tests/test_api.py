@@ -133,6 +133,21 @@ def test_an_unknown_task_is_404(client, method, path):
     assert unknown in response.json()["detail"]
 
 
+@pytest.mark.parametrize("method, path", [
+    ("get", "/api/projects/export/tasks/{id}"),
+    ("delete", "/api/projects/export/tasks/{id}"),
+    ("get", "/api/projects/export/download/{id}"),
+])
+def test_a_task_id_that_addresses_another_redis_key_is_404(client, project, method, path):
+    """``<id>:stop`` is the stop flag of a real export (a string key, not a job hash): it names no export."""
+    real = start(client, project, {"max_frames": 1})["task_id"]
+    client.delete(f"/api/projects/export/tasks/{real}")  # cancelled: its stop flag exists now
+    for hostile in (f"{real}:stop", "*", "..%2F..%2Fetc"):
+        response = getattr(client, method)(path.format(id=hostile))
+        assert response.status_code == 404, (hostile, response.status_code, response.text)
+        assert "detail" in response.json()
+
+
 @pytest.mark.parametrize("body, loc", [
     ({"annotation_filter": {"min_points": -1}}, ["body", "annotation_filter", "min_points"]),
     ({"export_options": {"compres_output": True}}, ["body", "export_options", "compres_output"]),
