@@ -29,22 +29,33 @@ RESULT_FILE = "result.json"
 
 @dataclass
 class BatchResult:
+    """A batch's counts. Labels are counted on key frames only (the formats annotate samples, not sweeps): there
+    ``annotations`` (what the format exported: the batch's share of merge's ``annotations``) + ``filtered`` (per
+    filter) + the format's own drops (e.g. ``dropped_unknown_types``) = the labels read. ``sweep_labels`` are
+    the labels of sweep frames, read but never exported (nor filtered)."""
+
     batch_index: int
     frames: int
     annotations: int
     filtered: dict[str, int] = field(default_factory=dict)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    sweep_labels: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def load_frame(source, plan: ExportPlan, index: int) -> tuple[LoadedFrame, Counter]:
-    """Read frame ``index`` of the plan, count points per box and apply the request's annotation filter."""
+def load_frame(source, plan: ExportPlan, index: int) -> tuple[LoadedFrame, Counter, int]:
+    """Read frame ``index`` of the plan; on a key frame count points per box and apply the request's annotation
+    filter. Returns (frame, boxes removed per filter, labels of a sweep frame). A sweep frame carries no boxes:
+    its labels are only counted, so that filters and their counts are about exported frames alone."""
     ref = plan.frames[index]
     points = source.read_points(ref)
     boxes = source.read_labels(ref)
+    sweep_labels = 0
+    if not plan.key_frames[index]:
+        sweep_labels, boxes = len(boxes), []
     if boxes:
         counts = points_in_boxes(points, np.stack([b.center for b in boxes]), np.stack([b.size for b in boxes]),
                                  np.stack([b.rotation for b in boxes]))
@@ -54,7 +65,7 @@ def load_frame(source, plan: ExportPlan, index: int) -> tuple[LoadedFrame, Count
     warnings = [f"missing image for camera {ch}" for ch, path in ref.cameras.items() if path is None]
     frame = LoadedFrame(ref=ref, points=points, ego_pose=plan.ego_poses[index], boxes=boxes, lidar_pts=counts,
                         is_key_frame=plan.key_frames[index], warnings=warnings)
-    return frame, removed
+    return frame, removed, sweep_labels
 
 
 def convert_batch(staging_dir: str | Path, batch_index: int, *,
@@ -76,7 +87,7 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
     rows: dict[str, list[dict[str, Any]]] = {}
     removed_total: Counter = Counter()
     warnings: list[dict[str, Any]] = []
-    n_annotations = 0
+    n_annotations = n_sweep_labels = 0
     for done, index in enumerate(indices):
         if should_stop is not None and should_stop():
             raise CancelledExport(f"batch {batch_index} stopped before frame {plan.frames[index].frame_id}")
@@ -84,7 +95,7 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
         if on_frame_start is not None:
             on_frame_start(ref.frame_id)
         try:
-            frame, removed = load_frame(source, plan, index)
+            frame, removed, sweep_labels = load_frame(source, plan, index)
             frame_rows = fmt.convert_frame(frame)
         except LocatedError as err:
             raise err.at_frame(ref.frame_id)
@@ -95,7 +106,8 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
             err.add_note(f"while converting frame {ref.frame_id}")
             raise
         removed_total.update(removed)
-        n_annotations += len(frame.boxes)
+        n_annotations += fmt.annotations_in(frame_rows)
+        n_sweep_labels += sweep_labels
         warnings.extend({"frame": ref.frame_id, "warning": w} for w in frame.warnings)
         for table, table_rows in frame_rows.items():
             rows.setdefault(table, []).extend(table_rows)
@@ -104,7 +116,7 @@ def convert_batch(staging_dir: str | Path, batch_index: int, *,
 
     result = BatchResult(batch_index=batch_index, frames=len(indices), annotations=n_annotations,
                          filtered=dict(removed_total), warnings=warnings,
-                         seconds=round(time.perf_counter() - started, 3))
+                         seconds=round(time.perf_counter() - started, 3), sweep_labels=n_sweep_labels)
     _write_batch(plan.batch_dir(batch_index), rows, result)
     return result
 

@@ -83,10 +83,14 @@ def merge_tables(staging_dir: str | Path) -> MergeResult:
     counts = fmt.merge(tables)
     filtered: Counter = Counter()
     warnings = list(plan.warnings)
+    sweep_labels = 0
     for i in range(len(plan.batches)):
         result = read_batch_result(plan, i)
         filtered.update(result.filtered)
         warnings.extend(result.warnings)
+        sweep_labels += result.sweep_labels
+    if sweep_labels:  # labels of sweep frames: read, never exported (only samples are annotated)
+        counts = {**counts, "sweep_labels_not_exported": sweep_labels}
     merged = MergeResult(frames=int(counts.get("frames", len(plan.frames))),
                          annotations=int(counts.get("annotations", 0)), counts=counts,
                          filtered=dict(filtered), warnings=warnings)

@@ -58,6 +58,24 @@ def test_object_types_keep_only_the_named_types_case_insensitively(synth_project
     assert run.merged.filtered == {"object_types": len(labels) - len(kept)}
 
 
+def test_with_sweeps_only_key_frame_labels_are_filtered_and_every_label_is_accounted_for(synth_project, tmp_path):
+    """Sweeps carry no annotations: the filter runs on key frames only, and its counts add up to their labels."""
+    run = export(synth_project, tmp_path / "ds", annotation_filter={"object_types": ["car"]},
+                 export_options={"include_sweeps": True, "key_frame_interval": 2})
+    nusc = NuScenes(VERSION, str(tmp_path / "ds"), verbose=False)
+    per_frame = list(label_files(synth_project).values())
+    on_key, on_sweeps = per_frame[0::2], per_frame[1::2]
+    key_labels = sum(len(objs) for objs in on_key)
+    cars = sum(o["obj_type"] == "car" for objs in on_key for o in objs)
+    assert 0 < cars < key_labels
+    assert len(nusc.sample_annotation) == run.merged.annotations == cars
+    assert run.merged.filtered == {"object_types": key_labels - cars}
+    counts = run.merged.counts
+    assert run.merged.annotations + sum(run.merged.filtered.values()) + counts["dropped_unknown_types"] == key_labels
+    assert sum(b.annotations for b in run.batches) == run.merged.annotations
+    assert counts["sweep_labels_not_exported"] == sum(len(objs) for objs in on_sweeps) > 0
+
+
 def test_min_points_counts_points_when_labels_carry_no_count(synth_project, unfiltered, tmp_path):
     _, full = unfiltered
     counts = [a["num_lidar_pts"] for a in full.sample_annotation]

@@ -49,6 +49,11 @@ class OutputFormat(ABC):
         """
 
     @abstractmethod
+    def annotations_in(self, rows: dict[str, list[dict[str, Any]]]) -> int:
+        """How many annotations the rows ``convert_frame`` returned for one frame export: summed over all
+        frames, merge's ``annotations`` count (so a batch's progress count agrees with the final one)."""
+
+    @abstractmethod
     def merge(self, tables: dict[str, pa.Table]) -> dict[str, int]:
         """Link rows across frames, write the format's final tables under ``output_dir``; return counts
         (at least ``frames`` and ``annotations``)."""

@@ -158,6 +158,9 @@ class KittiFormat(OutputFormat):
             out[OBJECTS_TABLE] = objects
         return out
 
+    def annotations_in(self, rows: dict[str, list[dict[str, Any]]]) -> int:
+        return sum(row["objects"] for row in rows.get(FRAMES_TABLE, ()))
+
     def _label_lines(self, frame: LoadedFrame, index: int) -> tuple[list[str], list[dict[str, Any]]]:
         """label_2 lines (DontCare last, as KITTI tools expect) and one object row per source box."""
         boxes = frame.boxes

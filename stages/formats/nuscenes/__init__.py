@@ -74,6 +74,9 @@ class NuScenesFormat(OutputFormat):
         """Write the frame's lidar file (``samples/`` or ``sweeps/``) and camera JPEGs; return its rows."""
         return self.converter.convert(frame)
 
+    def annotations_in(self, rows: dict[str, list[dict[str, Any]]]) -> int:
+        return len(rows.get("sample_annotation", ()))
+
     def merge(self, tables: Mapping[str, pa.Table]) -> dict[str, int]:
         """Link and write the tables under ``<output_dir>/<request.version>/``; returns counts (frames, samples,
         sample_data, annotations, instances, dropped_unknown_types and per-type ``dropped_unknown_type.<t>``,
