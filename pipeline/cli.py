@@ -7,7 +7,8 @@
     nextpoints-export list    [--limit 20] [--json] [--export-root DIR]
     nextpoints-export serve   [--data-root DIR] [--export-root DIR] [--host H] [--port 8000] [--concurrency N]
     nextpoints-export convert PROJECT_DIR OUT_DIR [--format nuscenes|kitti] [--batch-size N] [--archive FMT]
-                              [--coordinate-system global|ego_vehicle|lidar]
+                              [--coordinate-system global|ego_vehicle|lidar] [--layout nextpoints|sustech]
+                              [--source-setting KEY=VALUE ...]
     nextpoints-export synth   OUT_ROOT --project NAME --frames N [--cameras 6] [--seed S] [--preset P]
     nextpoints-export worker  [--concurrency N] [--queues Q,...] [--loglevel L] [--hostname H] [-- CELERY ARGS...]
     nextpoints-export beat    [--schedule FILE] [--loglevel L] [-- CELERY BEAT ARGS...]
@@ -189,6 +190,11 @@ def add_convert(sub) -> None:
     p.add_argument("--archive", choices=["none", "zip", "tar.gz", "tar.zst"], default="none")
     p.add_argument("--coordinate-system", choices=["global", "ego_vehicle", "lidar"],
                    help="default: global for nuScenes, lidar (velodyne) for KITTI")
+    p.add_argument("--layout", help="force the source layout, nextpoints or sustech (default: detected)")
+    p.add_argument("--source-setting", dest="source_settings", action="append", default=[], type=_setting,
+                   metavar="KEY=VALUE", help="a setting of the source layout, repeatable, e.g. "
+                   "lidar_axes=x_left_y_back (SUSTechPOINTS); VALUE is read as JSON when it is JSON "
+                   "(1.9, [2048, 1536]), else as a string")
 
     def run(args) -> int:
         from stages.compress import archive_path
@@ -208,14 +214,16 @@ def add_convert(sub) -> None:
         if name == "nextpoints":  # DATA_ROOT/<project>/nextpoints: name the output after the project
             name = args.project_dir.resolve().parent.name
         dest = archive_path(args.out_dir, name, archive)
-        run_id = default_export_id(args.project_dir, request)
+        settings = dict(args.source_settings)
+        run_id = default_export_id(args.project_dir, request, settings, args.layout)
 
         def progress(done: int, total: int, frame_id: str) -> None:
             print(f"\rframe {done}/{total}", end="", file=sys.stderr, flush=True)
 
         try:
             result = run_serial(args.project_dir, dest, request, export_id=run_id,
-                                batch_size=args.batch_size or get_settings().batch_size, on_frame=progress)
+                                batch_size=args.batch_size or get_settings().batch_size, on_frame=progress,
+                                source_settings=settings, layout=args.layout)
         except (ExportError, ValueError) as err:
             print(f"\nexport failed: {err}", file=sys.stderr)
             return 1
@@ -227,6 +235,17 @@ def add_convert(sub) -> None:
         return 0
 
     p.set_defaults(handler=run)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--source-setting``: (key, the value parsed as JSON, or the text itself)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def add_synth(sub) -> None:

@@ -145,6 +145,7 @@ def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str |
         ego_poses, warnings = [Pose.identity() for _ in frames], []
     else:
         ego_poses, warnings = resolve_ego_poses(frames, [source.read_ego_pose(f) for f in frames])
+    warnings = [{"frame": None, "file": None, "warning": w} for w in source.setting_warnings()] + warnings
 
     staging = Path(staging_dir)
     if staging.exists():

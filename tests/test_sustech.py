@@ -544,3 +544,55 @@ def test_sustech_riders_are_two_wheelers_with_a_rider_not_pedestrians(exported):
             assert ann["category_name"] == "vehicle.motorcycle"
             assert [nusc.get("attribute", t)["name"] for t in ann["attribute_tokens"]] == ["cycle.with_rider"]
     assert riders > 0
+
+
+# --- the serial convert command ---------------------------------------------------------------------------
+
+def _lidar_calibration(dataset: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation matrix, translation) of LIDAR_TOP's calibrated_sensor in an exported nuScenes dataset."""
+    from nuscenes.nuscenes import NuScenes
+
+    nusc = NuScenes("v1.0-trainval", str(dataset), verbose=False)
+    cs = next(c for c in nusc.calibrated_sensor if nusc.get("sensor", c["sensor_token"])["channel"] == "LIDAR_TOP")
+    return Quaternion(cs["rotation"]).rotation_matrix, np.array(cs["translation"])
+
+
+def _axes_warnings(dataset: Path) -> list[dict]:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return [w for w in manifest["warnings"] if "lidar_axes" in w["warning"]]
+
+
+def test_the_convert_command_passes_the_layout_and_source_settings_to_the_scene(tmp_path):
+    from pipeline.cli import main
+
+    assert main(["convert", str(SUSTECH), str(tmp_path / "out"), "--layout", "sustech",
+                 "--source-setting", "lidar_axes=x_left_y_back", "--source-setting", "lidar_height=1.9"]) == 0
+    dataset = tmp_path / "out" / "sustech-example"
+    rotation, translation = _lidar_calibration(dataset)
+    np.testing.assert_allclose(rotation, RZ90, atol=1e-9)
+    np.testing.assert_allclose(translation, [0, 0, 1.9], atol=1e-12)
+    assert _axes_warnings(dataset) == []  # the axes were stated: nothing to warn about
+
+
+def test_a_scene_read_with_the_default_lidar_axes_says_so_once_and_how_to_change_it(tmp_path):
+    from pipeline.cli import main
+
+    assert main(["convert", str(SUSTECH), str(tmp_path / "out")]) == 0
+    dataset = tmp_path / "out" / "sustech-example"
+    rotation, _ = _lidar_calibration(dataset)
+    np.testing.assert_allclose(rotation, np.eye(3), atol=1e-12)
+    [warning] = _axes_warnings(dataset)
+    assert warning["frame"] is None and "x forward" in warning["warning"]
+    assert "--source-setting lidar_axes=x_left_y_back" in warning["warning"]
+
+
+def test_the_convert_command_refuses_a_bad_source_setting_or_layout(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["convert", str(SUSTECH), str(tmp_path / "out"), "--source-setting", "lidar_axes=sideways"]) == 1
+    assert "lidar_axes 'sideways' is not one of" in capsys.readouterr().err
+    assert main(["convert", str(SUSTECH), str(tmp_path / "out"), "--layout", "waymo"]) == 1
+    assert "unknown layout 'waymo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", str(SUSTECH), str(tmp_path / "out"), "--source-setting", "lidar_axes"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err

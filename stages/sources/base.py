@@ -45,6 +45,11 @@ class ProjectSource(ABC):
         """The recording's name (used for scene/log names); layouts with a fixed inner folder override it."""
         return self.project_dir.resolve().name
 
+    def setting_warnings(self) -> list[str]:
+        """Export-wide warnings about how the project is read: a setting left at a default that is often wrong
+        for this layout. Discover puts them in the job's and the manifest's warnings."""
+        return []
+
     @classmethod
     @abstractmethod
     def detect(cls, project_dir: Path) -> bool:

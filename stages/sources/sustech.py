@@ -113,6 +113,15 @@ class SustechSource(ProjectSource):
                           f"with positive integers, got {size!r}")
         return opts
 
+    def setting_warnings(self) -> list[str]:
+        if "lidar_axes" in self.settings:
+            return []
+        # no auto-detection (see the module docstring): say which convention was assumed and how to change it
+        return ["SUSTechPOINTS source setting lidar_axes not given: the lidar is taken as x forward, y left, z up "
+                "(lidar->ego rotation = identity); SUSTech's own rigs have x left, y back: set source_settings "
+                "{lidar_axes: x_left_y_back} (CLI: --source-setting lidar_axes=x_left_y_back), or "
+                "{lidar_axes: x_forward} to confirm the default"]
+
     # --- layout -------------------------------------------------------------------------------------------
 
     @classmethod
