@@ -15,6 +15,7 @@ A failed export can be rerun from one stage over its staged files (``rerun_workf
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +31,16 @@ def convert_task_id(export_id: str, batch_index: int) -> str:
 
 def compress_task_id(export_id: str) -> str:
     return f"{export_id}-compress"
+
+
+def parse_task_id(task_id: str) -> tuple[str, int | None]:
+    """(export id, convert batch index or None) of one of an export's task ids (the inverse of the above)."""
+    if (m := _CONVERT_ID.match(task_id)) is not None:
+        return m.group("export_id"), int(m.group("batch"))
+    return task_id.removesuffix("-compress"), None
+
+
+_CONVERT_ID = re.compile(r"^(?P<export_id>.+)-convert-(?P<batch>\d{5})$")
 
 
 def task_ids(export_id: str, n_batches: int | None) -> list[str]:

@@ -256,9 +256,25 @@ class JobStore:
             rows = pipe.execute()
         return [(_text(s) if s else None, float(h) if h else None) for s, h in rows]
 
+    def frames_key(self, export_id: str) -> str:
+        return f"{self.key(export_id)}:frames"
+
+    def note_frame(self, export_id: str, batch: int, frame_id: str) -> None:
+        """Record the frame batch ``batch`` is converting now: when its process dies or hits the hard time
+        limit, the worker's main process names this frame in the error (the batch's result meta is already
+        overwritten by then)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self.frames_key(export_id), str(batch), frame_id)
+            pipe.expire(self.frames_key(export_id), STOP_FLAG_TTL)
+            pipe.execute()
+
+    def frame_of(self, export_id: str, batch: int) -> str | None:
+        raw = self.client.hget(self.frames_key(export_id), str(batch))
+        return _text(raw) if raw else None
+
     def delete(self, export_id: str) -> None:
         with self.client.pipeline() as pipe:
-            pipe.delete(self.key(export_id), self.stop_key(export_id))
+            pipe.delete(self.key(export_id), self.stop_key(export_id), self.frames_key(export_id))
             pipe.zrem(self.index_key, export_id)
             pipe.execute()
 

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import structlog
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from billiard.exceptions import WorkerLostError
+from celery import signals
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from pipeline import canvas
 from pipeline.celery_app import app
@@ -32,6 +34,10 @@ from stages.request import ExportRequest
 log = structlog.get_logger("pipeline.tasks")
 HEARTBEAT_EVERY = 5.0  # seconds between heartbeats written by a running batch
 LOGGED_WARNINGS_PER_BATCH = 50  # frame warnings logged one per line; the rest are counted in the batch result
+# Every export task: when the process running it dies (OOM kill, segfault, SIGKILL), Celery sends it again
+# (same id, attempt + 1) after a short delay, up to the task's max_retries (3) more times; a batch that keeps
+# killing its worker then fails the export (``_record_lost_task``) instead of being redelivered forever.
+EXPORT_TASK = {"bind": True, "retry_on_worker_lost": True, "default_retry_delay": 1}
 
 
 def error_details(exc: BaseException, stage: str, batch: int | None, attempts: int = 1) -> dict[str, Any]:
@@ -43,6 +49,8 @@ def error_details(exc: BaseException, stage: str, batch: int | None, attempts: i
                    "frame": getattr(exc, "frame", None), "file": getattr(exc, "filename", None)}
         if isinstance(exc, SoftTimeLimitExceeded):
             details["message"] = f"time limit of {get_settings().task_time_limit} s exceeded"
+    if details["frame"] is None:  # e.g. a time limit: the frame being converted when it struck
+        details["frame"] = structlog.contextvars.get_contextvars().get("frame")
     return {**details, "stage": stage, "batch": batch, "attempts": attempts}
 
 
@@ -148,7 +156,7 @@ def _located(exc: BaseException) -> dict[str, Any]:
     return {}
 
 
-@app.task(name="export.discover", bind=True)
+@app.task(name="export.discover", **EXPORT_TASK)
 def discover(self, export_id: str, project_dir: str, request_json: dict, staging_dir: str, batch_size: int,
              queue: str | None = None, layout: str | None = None, source_settings: dict[str, Any] | None = None,
              mapping_overrides: dict[str, Any] | None = None):
@@ -173,7 +181,7 @@ def discover(self, export_id: str, project_dir: str, request_json: dict, staging
                                            priority=request.priority)
 
 
-@app.task(name="export.rerun_batches", bind=True)
+@app.task(name="export.rerun_batches", **EXPORT_TASK)
 def rerun_batches(self, export_id: str, staging_dir: str, batches: list[int], queue: str, priority: int):
     """The start of a rerun from convert (``service.retry_export``): become the chord of ``batches``."""
     with export_stage(self, export_id, "rerun") as report:
@@ -181,7 +189,7 @@ def rerun_batches(self, export_id: str, staging_dir: str, batches: list[int], qu
         return canvas.replace_with_batches(self, export_id, staging_dir, batches, queue=queue, priority=priority)
 
 
-@app.task(name="export.convert", bind=True)
+@app.task(name="export.convert", **EXPORT_TASK)
 def convert(self, export_id: str, staging_dir: str, batch_index: int) -> dict[str, Any]:
     store = job_store()
     with export_stage(self, export_id, "convert", batch_index) as report:
@@ -193,6 +201,7 @@ def convert(self, export_id: str, staging_dir: str, batch_index: int) -> dict[st
 
             def on_frame_start(frame_id: str) -> None:  # what is logged while converting it names the frame
                 structlog.contextvars.bind_contextvars(frame=frame_id)
+                store.note_frame(export_id, batch_index, frame_id)
 
             def on_frame(k: int, n: int, frame_id: str) -> None:
                 nonlocal last_beat
@@ -215,6 +224,36 @@ def convert(self, export_id: str, staging_dir: str, batch_index: int) -> dict[st
         return result
 
 
+@signals.task_failure.connect
+def _record_lost_task(sender=None, task_id: str | None = None, exception: BaseException | None = None,
+                      **_kwargs) -> None:
+    """Failures the task itself never sees, reported by the worker's main process: the hard time limit
+    killed it, or its process died once more than its retries allow (``EXPORT_TASK``). End the export
+    ``failed`` naming the stage, the batch and the frame it was converting, so that no job waits for a task
+    that will not come back."""
+    if not isinstance(exception, (TimeLimitExceeded, WorkerLostError)) or task_id is None:
+        return
+    stage = (getattr(sender, "name", "") or "").removeprefix("export.")
+    if stage not in ("discover", "rerun_batches", "convert", "merge", "compress"):
+        return
+    export_id, batch = canvas.parse_task_id(task_id)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(export_id=export_id, stage=stage,
+                                           **({"batch": batch} if batch is not None else {}))
+    store = job_store()
+    attempts = (getattr(getattr(sender, "request", None), "retries", 0) or 0) + 1
+    if isinstance(exception, TimeLimitExceeded):
+        problem = f"hard time limit of {get_settings().task_time_limit} s exceeded"
+    else:
+        problem = f"the worker process running it died ({exception}), {attempts} time(s)"
+    details = {"error": type(exception).__name__, "message": problem,
+               "frame": store.frame_of(export_id, batch) if batch is not None else None, "file": None,
+               "stage": stage, "batch": batch, "attempts": attempts}
+    if store.fail(export_id, details):
+        log.error("stage failed", error=details["error"], message=problem, frame=details["frame"],
+                  attempts=attempts)
+
+
 def log_frame_warnings(warnings: list[dict[str, Any]]) -> None:
     """One line per frame warning (missing image, ...), naming its frame; at most LOGGED_WARNINGS_PER_BATCH."""
     for warning in warnings[:LOGGED_WARNINGS_PER_BATCH]:
@@ -223,7 +262,7 @@ def log_frame_warnings(warnings: list[dict[str, Any]]) -> None:
         log.info("frame warnings not logged", count=len(warnings) - LOGGED_WARNINGS_PER_BATCH)
 
 
-@app.task(name="export.merge", bind=True)
+@app.task(name="export.merge", **EXPORT_TASK)
 def merge(self, batch_results: list[dict[str, Any]], export_id: str, staging_dir: str) -> dict[str, Any]:
     store = job_store()
     with export_stage(self, export_id, "merge") as report:
@@ -239,7 +278,7 @@ def merge(self, batch_results: list[dict[str, Any]], export_id: str, staging_dir
         return result
 
 
-@app.task(name="export.compress", bind=True)
+@app.task(name="export.compress", **EXPORT_TASK)
 def compress(self, merged: dict[str, Any], export_id: str, staging_dir: str, dest: str) -> dict[str, Any]:
     store = job_store()
     with export_stage(self, export_id, "compress") as report:
