@@ -292,6 +292,19 @@ def test_cancelling_a_queued_export_means_it_never_runs(project, pipeline_env, c
     assert service.export_status(export_id)["status"] == "cancelled"
 
 
+def test_the_broker_shows_which_exports_still_have_tasks_waiting(project, celery_worker, paused_queues):
+    """What the stale check reads: an export whose discover waits in its queue is in the broker; once it has
+    finished, it is not."""
+    from pipeline import service
+    from pipeline.beat import exports_in_broker
+
+    export_id = service.start_export(project, ExportRequest(max_frames=3))["task_id"]
+    assert export_id in exports_in_broker()
+    paused_queues()
+    assert follow(export_id)[-1]["status"] == "completed"
+    assert export_id not in exports_in_broker()
+
+
 # --- failures -----------------------------------------------------------------------------------------------
 def test_a_corrupted_point_cloud_fails_the_export_naming_frame_file_and_batch(project, pipeline_env):
     from pipeline import service
@@ -387,3 +400,59 @@ def test_a_worker_process_killed_mid_batch_loses_nothing(project, pipeline_env, 
     log = celery_worker.log_tail(2000)
     assert f"pid:{victim['result']['pid']} exited with 'signal 9 (SIGKILL)'" in log
     assert len(re.findall(rf"export\.convert\[{victim['task_id']}\] received", log)) >= 2  # redelivered
+
+
+def test_a_batch_that_keeps_killing_its_worker_fails_the_export_naming_batch_and_frame(project, pipeline_env,
+                                                                                         celery_worker):
+    """A poison batch (its process dies every time: OOM, segfault) is retried max_retries times, then the
+    export ends failed right away, naming the batch and the frame it was converting, not redelivered forever."""
+    from pipeline import service
+    from stages.plan import ExportPlan
+
+    export_id = service.start_export(project, ExportRequest(), batch_size=25)["task_id"]
+    victim, killed = 1, []
+
+    def kill_the_victim_or_finish():
+        status = service.export_status(export_id)
+        if status["status"] in FINISHED:
+            return status
+        metas = batch_metas(export_id)
+        meta = metas[victim] if len(metas) > victim else None
+        if meta and meta["status"] == "PROGRESS" and meta["result"]["pid"] not in killed:
+            killed.append(meta["result"]["pid"])
+            os.kill(meta["result"]["pid"], signal.SIGKILL)
+        return None
+
+    final = wait_until(kill_the_victim_or_finish, 180, 0.01, what="the poison batch to fail the export")
+    plan = ExportPlan.load(pipeline_env.export_root / "staging" / export_id)  # a failed export stays staged
+    assert final["status"] == "failed", final
+    error = final["error_details"]
+    assert error["error"] == "WorkerLostError" and error["stage"] == "convert" and error["batch"] == victim
+    assert len(killed) == 4 and error["attempts"] == 4  # the first run and max_retries (3) more
+    assert error["frame"] in {plan.frames[i].frame_id for i in plan.batches[victim]}
+    assert "died" in error["message"] and final["progress"] < 100
+
+
+def test_a_hard_time_limit_fails_the_export_at_once_naming_the_frame(pipeline_env):
+    """The worker's main process reports a hard time limit (the task never sees it): the job ends failed then,
+    not when beat finds it silent."""
+    import uuid
+
+    from celery.exceptions import TimeLimitExceeded
+
+    from pipeline import tasks
+    from pipeline.jobs import ExportJob, job_store
+
+    store, export_id = job_store(), str(uuid.uuid4())
+    store.create(ExportJob(export_id=export_id, project="p", export_format="nuscenes_v1.0", request={},
+                           status="processing", step="convert"))
+    try:
+        store.note_frame(export_id, 2, "1708676399593999872")
+        tasks._record_lost_task(sender=tasks.convert, task_id=f"{export_id}-convert-00002",
+                                exception=TimeLimitExceeded(600))
+        job = store.get(export_id)
+        assert job.status == "failed" and store.stop_requested(export_id)
+        assert job.error["error"] == "TimeLimitExceeded" and "time limit" in job.error["message"]
+        assert (job.error["stage"], job.error["batch"], job.error["frame"]) == ("convert", 2, "1708676399593999872")
+    finally:
+        store.delete(export_id)

@@ -22,30 +22,42 @@ def _iso(hours_ago: float) -> str:
 
 
 # --- beat ---------------------------------------------------------------------------------------------------
-def test_the_stale_check_fails_processing_jobs_whose_tasks_went_silent(pipeline_env):
+def test_the_stale_check_fails_silent_jobs_that_have_nothing_left_in_the_broker(pipeline_env):
     from pipeline.beat import fail_stale_jobs
     from pipeline.jobs import ExportJob, job_store
     from pipeline.settings import get_settings
 
     store, settings = job_store(), get_settings()
     now = time.time()
-    silent = ExportJob(export_id="stale-silent", project="p", export_format="kitti", request={},
-                       status="processing", heartbeat=now - settings.task_time_limit - 5)
-    alive = ExportJob(export_id="stale-alive", project="p", export_format="kitti", request={},
-                      status="processing", heartbeat=now - 5)
-    queued = ExportJob(export_id="stale-queued", project="p", export_format="kitti", request={},
-                       created_at=_iso(10))
-    for job in (silent, alive, queued):
-        store.create(job)
+    long_ago = now - settings.task_time_limit - 5
+    jobs = {
+        "stale-silent": dict(status="processing", heartbeat=long_ago),  # its tasks are gone
+        "stale-alive": dict(status="processing", heartbeat=now - 5),
+        "stale-waiting": dict(status="processing", heartbeat=long_ago),  # its batches wait behind a backlog
+        "stale-lost": dict(created_at=_iso(10)),  # pending for 10 h, its message lost with the broker's data
+        "stale-queued": dict(created_at=_iso(10)),  # pending for 10 h behind a backlog
+        "stale-new": dict(),  # pending, just created
+    }
+    for export_id, fields in jobs.items():
+        store.create(ExportJob(export_id=export_id, project="p", export_format="kitti", request={}, **fields))
     try:
-        assert fail_stale_jobs(store, settings, now=now) == ["stale-silent"]
-        failed = store.get("stale-silent")
-        assert failed.status == "failed" and failed.error["error"] == "StaleExport" and failed.completed_at
-        assert store.stop_requested("stale-silent")
-        assert store.get("stale-alive").status == "processing" and store.get("stale-queued").status == "pending"
+        asked = []
+
+        def in_broker():
+            asked.append(True)
+            return {"stale-waiting", "stale-queued", "someone-else"}
+
+        assert sorted(fail_stale_jobs(store, settings, now=now, in_broker=in_broker)) == ["stale-lost", "stale-silent"]
+        for export_id in ("stale-silent", "stale-lost"):
+            failed = store.get(export_id)
+            assert failed.status == "failed" and failed.error["error"] == "StaleExport" and failed.completed_at
+            assert store.stop_requested(export_id)
+        assert [store.get(i).status for i in ("stale-alive", "stale-waiting", "stale-queued", "stale-new")] == \
+            ["processing", "processing", "pending", "pending"]
+        assert asked == [True]  # the broker is read once per check
     finally:
-        for job in (silent, alive, queued):
-            store.delete(job.export_id)
+        for export_id in jobs:
+            store.delete(export_id)
 
 
 def test_cleanup_removes_old_exports_and_their_files_and_nothing_else(pipeline_env):
