@@ -1,7 +1,7 @@
 """``nextpoints-export``: the command line.
 
     nextpoints-export run     CONFIG.yaml [--data-root DIR] [--export-root DIR] [--concurrency N] [--detach]
-    nextpoints-export retry   EXPORT_ID --stage convert|merge|compress [--only-failed] [--export-root DIR]
+    nextpoints-export retry   EXPORT_ID --stage convert|merge|compress [--only-failed|--all-batches] [--export-root DIR]
     nextpoints-export status  EXPORT_ID [--export-root DIR]
     nextpoints-export cancel  EXPORT_ID [--export-root DIR]
     nextpoints-export list    [--limit 20] [--json] [--export-root DIR]
@@ -98,7 +98,11 @@ def add_retry(sub) -> None:
     p = sub.add_parser("retry", help="rerun a failed export from a stage over its staged files")
     p.add_argument("export_id")
     p.add_argument("--stage", required=True, choices=["convert", "merge", "compress"])
-    p.add_argument("--only-failed", action="store_true", help="convert: only the batches without a staged result")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only-failed", action="store_true",
+                       help="convert: only the batches without a staged result (the default: a batch that "
+                            "succeeded is never converted again)")
+    which.add_argument("--all-batches", action="store_true", help="convert: every batch again")
     _roots(p, data_root=False)
     p.add_argument("--concurrency", type=int)
     p.add_argument("--loglevel", default="info")
@@ -108,8 +112,11 @@ def add_retry(sub) -> None:
         from pipeline.logging import configure_cli_logging
         from pipeline.runner import retry
 
+        if args.stage != "convert" and (args.only_failed or args.all_batches):
+            p.error(f"--only-failed / --all-batches choose the batches to convert; --stage {args.stage} "
+                    "converts none")
         configure_cli_logging(args.loglevel)
-        return retry(args.export_id, args.stage, only_failed=args.only_failed, export_root=args.export_root,
+        return retry(args.export_id, args.stage, all_batches=args.all_batches, export_root=args.export_root,
                      concurrency=args.concurrency, loglevel=args.loglevel, detach=args.detach)
 
     p.set_defaults(handler=run)

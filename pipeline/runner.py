@@ -258,7 +258,7 @@ def _has_shared_broker() -> bool:
     return False
 
 
-def retry(export_id: str, stage: str, *, only_failed: bool = False, export_root: Path | None = None,
+def retry(export_id: str, stage: str, *, all_batches: bool = False, export_root: Path | None = None,
           concurrency: int | None = None, loglevel: str = "info", detach: bool = False) -> int:
     """``nextpoints-export retry ID --stage S``: rerun a failed export from a stage and follow it."""
     from pipeline import service
@@ -270,7 +270,7 @@ def retry(export_id: str, stage: str, *, only_failed: bool = False, export_root:
         return 2
     with local_pipeline() as local:
         try:
-            service.retry_export(export_id, stage, only_failed=only_failed)
+            service.retry_export(export_id, stage, all_batches=all_batches)
         except JobNotFound as err:
             print(str(err), file=sys.stderr)
             return 1

@@ -190,12 +190,13 @@ def cancel_export(export_id: str) -> dict[str, Any]:
     return export_status(export_id)
 
 
-def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[str, Any]:
+def retry_export(export_id: str, stage: str, all_batches: bool = False) -> dict[str, Any]:
     """Rerun a failed export from ``stage`` (convert | merge | compress) over its staged files: the job goes
     back to ``processing`` (error cleared, stop flag lifted) and ends ``completed`` or ``failed`` again.
 
-    - ``convert``: every batch again, or with ``only_failed`` only the batches that have no staged result;
-      then merge and compress. (Nothing to convert left: it starts at merge.)
+    - ``convert``: the batches that have no staged result (the one that failed and those it stopped), never
+      one that succeeded, or with ``all_batches`` every batch again (e.g. after the input was fixed in
+      several places); then merge and compress. (Nothing to convert left: it starts at merge.)
     - ``merge``: merge then compress; every batch must have its staged result. No batch is touched.
     - ``compress``: compress only, from the merged tables.
 
@@ -218,10 +219,10 @@ def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[
                                          "files were cleaned up; start a new export") from None
     missing = missing_batches(plan)
     if stage == "convert":
-        batches = missing if only_failed else list(range(len(plan.batches)))
+        batches = list(range(len(plan.batches))) if all_batches else missing
     elif missing:
         raise JobNotRetryable(export_id, f"batches {missing[:10]} have no staged result: "
-                                         "rerun from convert (--only-failed)")
+                                         "rerun from convert")
     else:
         batches = []
     if stage == "compress" and not (staging / MERGE_FILE).is_file():
@@ -247,7 +248,7 @@ def retry_export(export_id: str, stage: str, only_failed: bool = False) -> dict[
                      completed_at=utc_now())
         store.request_stop(export_id, FAILED)  # as every failed job: nothing of it may run on
         raise RuntimeError(f"could not queue the rerun of export {export_id}: {exc}") from exc
-    log.info("export rerun", export_id=export_id, stage=stage, only_failed=only_failed, batches=len(batches),
+    log.info("export rerun", export_id=export_id, stage=stage, all_batches=all_batches, batches=len(batches),
              staged_batches=len(plan.batches) - len(missing), queue=queue)
     return export_status(export_id)
 

@@ -236,9 +236,9 @@ def test_retry_stage_merge_from_the_cli_completes_the_export_with_a_clean_runs_t
     assert tables(service.archive_for_download(export_id)) == tables(service.archive_for_download(clean_id))
 
 
-def test_retry_only_failed_converts_only_the_batches_without_a_result(project, pipeline_env, celery_worker):
-    """From the CLI: ``nextpoints-export retry ID --stage convert --only-failed`` once the broken point cloud
-    is fixed. Five batches of two frames on two worker processes: the last batch (broken) starts only after
+def test_retry_from_convert_converts_only_the_batches_without_a_result(project, pipeline_env, celery_worker):
+    """From the CLI: ``nextpoints-export retry ID --stage convert`` (= ``--only-failed``) once the broken point
+    cloud is fixed. Five batches of two frames on two worker processes: the last batch (broken) starts only after
     others have finished, and those are not converted again."""
     from datetime import datetime, timezone
 
@@ -262,9 +262,8 @@ def test_retry_only_failed_converts_only_the_batches_without_a_result(project, p
 
     pcd.write_bytes(good)
     rerun_from = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "retry", export_id, "--stage", "convert",
-                          "--only-failed"], env=pipeline_env.env, cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=180)
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "retry", export_id, "--stage", "convert"],
+                         env=pipeline_env.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == str(pipeline_env.export_root / f"{export_id}.zip")
     final = service.export_status(export_id)
@@ -272,6 +271,13 @@ def test_retry_only_failed_converts_only_the_batches_without_a_result(project, p
     rerun = [line["batch"] for line in stage_lines(celery_worker, export_id, "stage started", "convert")
              if line["timestamp"] > rerun_from]
     assert sorted(rerun) == sorted(set(range(5)) - converted)
+
+
+@pytest.mark.parametrize("flag", ["--only-failed", "--all-batches"])
+def test_choosing_batches_is_refused_for_a_stage_that_converts_none(flag):
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "retry", "some-export", "--stage", "merge", flag],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and "--stage merge converts none" in cli.stderr
 
 
 def test_only_a_failed_export_with_its_staged_files_can_be_rerun(project):
