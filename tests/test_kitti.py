@@ -38,6 +38,7 @@ EXPECTED_CLASS = {"car": "Car", "van": "Van", "pickup": "Car", "truck": "Truck",
                   "construction_vehicle": "Misc", "motorcycle": "Cyclist", "bicycle": "Cyclist",
                   "pedestrian": "Pedestrian", "traffic_cone": None, "barrier": None}
 CENTRE_TOL_M, YAW_TOL_RAD = 1e-3, 1e-4
+SUSTECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sustech-example"  # read-only
 
 
 # -- the test's own KITTI reader ------------------------------------------------------------------------------
@@ -323,6 +324,31 @@ def test_ego_vehicle_export_of_a_rotated_lidar_has_kittis_own_axes(projects, exp
                                    atol=1e-4)
         np.testing.assert_array_equal(pts[:, 3], src[:, 3])
     assert checked == run_ego.merged.annotations > 200
+
+
+@pytest.mark.parametrize("settings, coordinate_system, advice", [
+    ({}, "lidar", "set the SUSTechPOINTS source setting lidar_axes"),
+    ({}, "ego_vehicle", "set the SUSTechPOINTS source setting lidar_axes"),
+    ({"lidar_axes": "x_left_y_back"}, "lidar", "export with coordinate_system ego_vehicle"),
+    ({"lidar_axes": "x_left_y_back"}, "ego_vehicle", None),
+])
+def test_the_axes_warning_of_a_sustech_scene_gives_the_fix_that_works(settings, coordinate_system, advice, tmp_path):
+    """The real scene's lidar is x-left: with the default lidar_axes (lidar->ego = identity) base_link is x-left
+    too, so ego_vehicle alone cannot give KITTI's axes; with x_left_y_back it can, and then nothing is warned."""
+    run = run_serial(SUSTECH, tmp_path / "out", kitti_request(coordinate_system, include_images=False,
+                                                              include_pointcloud=False),
+                     source_settings=settings)
+    warnings = [w["warning"] for w in run.merged.warnings if "KITTI's axes" in w["warning"]]
+    if advice is None:
+        assert warnings == []
+        calib = read_calib(tmp_path / "out" / "training" / "calib" / "000000.txt")
+        rot = calib["Tr_velo_to_cam"][:, :3] @ KITTI_CAM_FROM_VELO.T
+        assert np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1))) < 5.0  # the advice was right
+        return
+    [warning] = warnings
+    assert advice in warning
+    if "lidar_axes" in advice:
+        assert "lidar->ego calibration is the identity" in warning and "ego_vehicle cannot help" in warning
 
 
 def test_global_coordinate_system_is_rejected(projects, tmp_path):

@@ -19,8 +19,9 @@ Frames and conventions:
   x forward, y left, z up; when the lidar is mounted otherwise (e.g. SUSTech's x-left lidars), the points stay
   in the lidar frame and ``Tr_velo_to_cam`` carries the true rotation, so every geometric relation in the files
   is exact. Tools that hard-code KITTI's axes (``yaw_velo = -ry - pi/2``, "bottom + h/2 along velodyne z")
-  then misread boxes; a warning says so, and exporting with ``ego_vehicle`` (base_link is x-forward, z-up)
-  fixes it.
+  then misread boxes; a warning says so, and how to fix it: exporting with ``ego_vehicle`` (base_link is
+  x-forward, z-up) when the lidar→ego calibration carries the lidar's mounting rotation, else that calibration
+  (for SUSTech scenes: the ``lidar_axes`` source setting) first.
 - **camera frame**: the reference camera's optical frame (x right, y down, z forward) — the mapping's
   ``reference_camera``, by default the first of camera-front / front / CAM_FRONT in the project. ``R0_rect`` is
   the identity (source images are not rectified), ``P0 = P1 = P2 = P3 = [K | 0]`` with K the reference camera's
@@ -119,7 +120,8 @@ class KittiFormat(OutputFormat):
         cam_from_velo = cam_from_lidar @ np.linalg.inv(self.velo_from_lidar)
         velo_from_ego = self.velo_from_lidar @ np.linalg.inv(lidar_to_ego)
         self.calib_text = _calib_text(self.camera.K, cam_from_velo, velo_from_ego)
-        self.setup_warnings = _setup_warnings(self.camera_channel, calib, cam_from_velo)
+        self.setup_warnings = _setup_warnings(self.camera_channel, calib, cam_from_velo, lidar_to_ego,
+                                              ego_velo, plan.layout)
         precision = plan.request.export_options.coordinate_precision
         self.decimals = DEFAULT_DECIMALS if precision is None else precision
         self.index_of = {ref.frame_id: i for i, ref in enumerate(plan.frames)}
@@ -295,15 +297,43 @@ def _calib_text(K: np.ndarray, cam_from_velo: np.ndarray, velo_from_ego: np.ndar
     return "\n".join(lines) + "\n"
 
 
-def _setup_warnings(channel: str, calib: SensorCalib, cam_from_velo: np.ndarray) -> list[str]:
-    """Export-wide warnings (reported once, on frame 0): non-KITTI velodyne axes, a distorted camera."""
+def _axes_deviation_deg(cam_from_frame: np.ndarray) -> float:
+    """How far (degrees) a frame's axes, seen from the camera, are from KITTI's velodyne axes."""
+    rot = cam_from_frame[:3, :3] @ KITTI_CAM_FROM_VELO.T
+    return float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))))
+
+
+def _setup_warnings(channel: str, calib: SensorCalib, cam_from_velo: np.ndarray, lidar_to_ego: np.ndarray,
+                    ego_velo: bool, layout: str) -> list[str]:
+    """Export-wide warnings (reported once, on frame 0): non-KITTI velodyne axes, a distorted camera.
+
+    The axes advice depends on where the fix is: when base_link (the ego frame) has KITTI's axes, exporting with
+    ``ego_vehicle`` fixes it; when base_link is off too, the lidar→ego calibration lacks the lidar's mounting
+    rotation (e.g. a SUSTech x-left lidar read with the default ``lidar_axes``), and only fixing that helps."""
     warnings = []
-    rot = cam_from_velo[:3, :3] @ KITTI_CAM_FROM_VELO.T
-    deviation = np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0)))
+    deviation = _axes_deviation_deg(cam_from_velo)
     if deviation > AXES_WARNING_DEG:
-        warnings.append(f"the velodyne frame is {deviation:.1f} deg away from KITTI's axes (x forward, y left, "
-                        f"z up) as seen from {channel}: Tr_velo_to_cam is exact, but tools that assume KITTI's axes "
-                        f"(yaw = -ry - pi/2) will misread boxes; export with coordinate_system ego_vehicle")
+        cam_from_ego = np.linalg.inv(calib.pose.matrix())
+        ego_deviation = _axes_deviation_deg(cam_from_ego)
+        problem = (f"the velodyne frame is {deviation:.1f} deg away from KITTI's axes (x forward, y left, z up) as "
+                   f"seen from {channel}: Tr_velo_to_cam is exact, but tools that assume KITTI's axes "
+                   f"(yaw = -ry - pi/2) will misread boxes; ")
+        if not ego_velo and ego_deviation <= AXES_WARNING_DEG:
+            advice = "export with coordinate_system ego_vehicle (base_link has KITTI's axes here)"
+        else:
+            identity = np.allclose(lidar_to_ego[:3, :3], np.eye(3), atol=1e-9)
+            calib_text = "the lidar->ego calibration is the identity" if identity else "the lidar->ego calibration"
+            where = (f"{calib_text}, so base_link is {ego_deviation:.1f} deg off as well and coordinate_system "
+                     f"ego_vehicle cannot help: ")
+            if layout == "sustech":
+                fix = ("set the SUSTechPOINTS source setting lidar_axes to the rig's convention (x_left_y_back for "
+                       "SUSTech's own recordings, lidar x left and y back), then export with coordinate_system "
+                       "ego_vehicle")
+            else:
+                fix = ("correct the main lidar's lidar->ego calibration (its mounting rotation) in the project's "
+                       "calib, then export with coordinate_system ego_vehicle")
+            advice = where + fix
+        warnings.append(problem + advice)
     distortion = calib.distortion or {}
     if (calib.camera_model not in (None, "pinhole")) or any(abs(float(v or 0)) > 1e-9 for v in distortion.values()):
         warnings.append(f"reference camera {channel} is {calib.camera_model or 'pinhole'} with distortion "
