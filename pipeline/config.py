@@ -15,6 +15,8 @@
 A file is merged over ``configs/pipeline.yaml`` (the defaults) and validated with pydantic before anything
 runs: an unknown or ill-typed key is a ``ConfigError`` naming the file, the line and the key's path, e.g.
 ``nuscenes.yaml:7: export.export_options.compres_output: unknown key (did you mean 'compress_output'?)``.
+The sections whose keys belong to someone else are checked by their owners, at load time all the same:
+``project.source_settings`` by the layout's reader (``stages/sources/<layout>.py``).
 """
 from __future__ import annotations
 
@@ -29,11 +31,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ProjectNotFound
+from pipeline.errors import PipelineError, ProjectNotFound
 from pipeline.paths import PROJECT_NAME
 from pipeline.paths import project_dir as project_dir_under
 from pipeline.retry_policy import RetryPolicy
-from pipeline.settings import LARGE_QUEUE, SMALL_QUEUE, Settings
+from pipeline.settings import LARGE_QUEUE, SMALL_QUEUE, Settings, get_settings
 from stages.request import ExportRequest
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -146,11 +148,13 @@ class ConfigError(ValueError):
         super().__init__("\n".join(map(str, problems)))
 
 
-def load_config(path: str | Path, defaults: str | Path | None = DEFAULTS_FILE) -> PipelineConfig:
+def load_config(path: str | Path, defaults: str | Path | None = DEFAULTS_FILE, *,
+                data_root: str | Path | None = None) -> PipelineConfig:
     """Read, merge over ``defaults`` and validate the config at ``path`` (``ConfigError`` if unusable).
 
-    Also checks the mapping overrides against the format's mapping file, so that a config that loads is a
-    config whose export can start.
+    Also checks the source settings with the layout's reader (the layout forced by ``project.layout``, else
+    detected when the project folder is found under ``data_root``, default ``NPX_DATA_ROOT``) and the mapping
+    overrides against the format's mapping file, so that a config that loads is a config whose export can start.
     """
     path = Path(path)
     files: list[tuple[str, Any, Any]] = []  # (name, data, yaml node tree), defaults first
@@ -163,7 +167,10 @@ def load_config(path: str | Path, defaults: str | Path | None = DEFAULTS_FILE) -
         config = PipelineConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_problems(err, files)) from None
-    _check_mappings(config, files)
+    layout, problems = _check_source_settings(config, files, data_root)
+    problems += _check_mappings(config, files, layout)
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return config
 
 
@@ -309,20 +316,108 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _check_mappings(config: PipelineConfig, files: list[tuple[str, Any, Any]]) -> None:
+def _check_mappings(config: PipelineConfig, files: list[tuple[str, Any, Any]],
+                    layout: str | None) -> list[ConfigProblem]:
     """The mapping overrides, merged over the format's mapping file, must be a valid mapping."""
     if not config.mappings:
-        return
+        return []
     from stages.discover import load_mapping_for
     from stages.formats import get_format
     from stages.mappings import MappingOverrideError
 
     try:
-        load_mapping_for(get_format(config.export.export_format.value), config.project.layout, config.mappings)
+        load_mapping_for(get_format(config.export.export_format.value), layout, config.mappings)
     except MappingOverrideError as err:
         loc = ("mappings", *err.loc)
         file, line = _where(files, loc)
-        raise ConfigError([ConfigProblem(file, line, _dotted(loc), err.problem)]) from None
+        return [ConfigProblem(file, line, _dotted(loc), err.problem)]
     except (ValueError, TypeError, AttributeError) as err:
         file, line = _where(files, ("mappings",))
-        raise ConfigError([ConfigProblem(file, line, "mappings", str(err))]) from None
+        return [ConfigProblem(file, line, "mappings", str(err))]
+    return []
+
+
+def _check_source_settings(config: PipelineConfig, files: list[tuple[str, Any, Any]],
+                           data_root: str | Path | None) -> tuple[str | None, list[ConfigProblem]]:
+    """(the project's layout when known, problems of ``project.source_settings``).
+
+    The settings are checked by constructing the layout's reader, whose constructor refuses unknown keys and
+    bad values (it reads no file). The layout is ``project.layout``, else detected when the project folder
+    exists; when it cannot be told, the settings must suit at least one layout. A key that fails alone is
+    reported at ``project.source_settings.<key>``.
+    """
+    project = config.project
+    folder = _project_folder(project, data_root)
+    readers = _layout_readers(project.layout, folder)
+    layout = readers[0].layout if len(readers) == 1 else project.layout
+    settings = project.source_settings
+    where = folder or Path(project.path or project.name or ".")
+    if not settings or any(_settings_refusal(cls, where, settings) is None for cls in readers):
+        return layout, []
+    names = [cls.layout for cls in readers]
+    declared = {name: _declared_settings(name) for name in names}
+    of_layouts = f"layout {names[0]}" if len(names) == 1 else f"any layout ({', '.join(names)})"
+    problems = []
+    for key, value in settings.items():
+        refusals = {cls.layout: r for cls in readers if (r := _settings_refusal(cls, where, {key: value}))}
+        if len(refusals) < len(readers):
+            continue  # some layout takes this key as it is
+        if all(declared[name] and key not in declared[name] for name in names):
+            known = sorted({k for name in names for k in declared[name]})
+            close = difflib.get_close_matches(str(key), known, n=1)
+            message = (f"unknown key (did you mean {close[0]!r}?): not a setting of {of_layouts}" if close else
+                       f"unknown key: not a setting of {of_layouts} (known: {', '.join(known)})")
+        else:
+            message = "; ".join(r for name, r in refusals.items() if not declared[name] or key in declared[name])
+        loc = ("project", "source_settings", key)
+        problems.append(ConfigProblem(*_where(files, loc), _dotted(loc), message))
+    if not problems:  # each key suits some layout, but no layout takes them all
+        loc = ("project", "source_settings")
+        message = "no layout takes these settings together: " + "; ".join(
+            f"{cls.layout}: {_settings_refusal(cls, where, settings)}" for cls in readers)
+        problems.append(ConfigProblem(*_where(files, loc), _dotted(loc), message))
+    return layout, problems
+
+
+def _project_folder(project: ProjectSection, data_root: str | Path | None) -> Path | None:
+    """The project's folder if it exists now (under ``data_root``, default the service's data root)."""
+    try:
+        return project.locate(Path(data_root) if data_root is not None else get_settings().data_root)[1]
+    except (PipelineError, OSError):
+        return None
+
+
+def _layout_readers(layout: str | None, folder: Path | None) -> list[type]:
+    """The reader class of the forced or detected layout; every layout's when neither is known."""
+    from stages.errors import InputError
+    from stages.sources import _layouts, open_project  # _layouts: the reader classes, in detection order
+
+    if layout is not None:
+        return [cls for cls in _layouts() if cls.layout == layout]
+    if folder is not None:
+        try:
+            return [type(open_project(folder))]  # detection only: no settings given
+        except (InputError, ValueError):
+            pass
+    return _layouts()
+
+
+def _settings_refusal(reader: type, folder: Path, settings: dict[str, Any]) -> str | None:
+    """Why the layout's reader refuses ``settings`` (None: it takes them)."""
+    from stages.errors import LocatedError
+
+    try:
+        reader(folder, settings)
+    except LocatedError as err:
+        return err.problem
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
+
+
+def _declared_settings(layout: str) -> frozenset[str]:
+    """The setting keys a layout declares, for "did you mean" (empty for a layout that declares none)."""
+    from stages.sources import nextpoints, sustech
+
+    declared = {"nextpoints": nextpoints.SETTINGS_KEYS, "sustech": sustech.DEFAULT_SETTINGS}
+    return frozenset(declared.get(layout, ()))

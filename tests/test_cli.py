@@ -149,6 +149,17 @@ def _check_embedded_run(done: subprocess.CompletedProcess, export_root: Path) ->
     assert "stage finished" in worker_log and "warm shutdown" in worker_log.lower()
 
 
+def test_a_misspelled_source_setting_fails_before_the_demo_data_or_redis_exist(tmp_path):
+    """On a fresh machine ``run`` generates the demo project and starts its own Redis: a typo must stop it first."""
+    config = tmp_path / "typo.yaml"
+    config.write_text("project:\n  name: my_project\n  source_settings:\n    lidar_axis: x_left_y_back\n")
+    export_root = tmp_path / "exports"
+    done = cli("run", str(config), "--export-root", str(export_root), env=_clean_env(), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"{config}:4: project.source_settings.lidar_axis: unknown key (did you mean 'lidar_axes'?)" in done.stderr
+    assert done.stdout == "" and not export_root.exists()  # no demo-data, no .redis
+
+
 @pytest.mark.slow
 def test_run_the_nuscenes_example_with_no_broker_configured(demo_data_root, tmp_path):
     export_root = tmp_path / "exports"

@@ -128,3 +128,48 @@ def test_mapping_overrides_are_merged_over_the_mapping_file_and_stored_in_the_pl
     assert stored["categories"] == {**base["categories"], **overrides["categories"]}
     assert stored["attributes"] == {**base["attributes"], "moving_speed_mps": 0.7}
     assert stored["channels"] == base["channels"]
+
+
+# --- sections checked by their owners (source layouts, output formats), at load time all the same ----------
+def test_a_misspelled_source_setting_is_refused_at_load_time_naming_its_path_and_the_right_key(tmp_path):
+    """No project folder yet (the demo project is generated later): the key must be a setting of some layout."""
+    path = write(tmp_path, """\
+project:
+  name: not_generated_yet
+  source_settings:
+    lidar_axis: x_left_y_back
+""")
+    assert problems(path) == [f"{path}:4: project.source_settings.lidar_axis: unknown key (did you mean "
+                              "'lidar_axes'?): not a setting of any layout (nextpoints, sustech)"]
+
+
+def test_source_settings_are_checked_by_the_forced_layouts_reader_key_by_key(tmp_path):
+    path = write(tmp_path, """\
+project:
+  name: p
+  layout: sustech
+  source_settings:
+    lidar_height: 1.8
+    main_lidar: lidar
+    frame_rate_hz: -10
+""")
+    found = problems(path)
+    assert [p.split(": ")[0:2] for p in found] == [[f"{path}:6", "project.source_settings.main_lidar"],
+                                                  [f"{path}:7", "project.source_settings.frame_rate_hz"]]
+    assert "not a setting of layout sustech" in found[0]
+    assert "frame_rate_hz must be positive" in found[1]  # the reader's own reason
+
+
+def test_source_settings_are_checked_against_the_layout_detected_in_the_project_folder(small_project, tmp_path):
+    """``small_project`` is a NextPoints project: SUSTechPOINTS' lidar_axes is no setting of it."""
+    path = write(tmp_path, f"project:\n  path: {small_project}\n  source_settings: {{lidar_axes: x_forward}}\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:3: project.source_settings.lidar_axes: unknown key: "
+                              "not a setting of layout nextpoints (known: main_lidar)")
+    data_root = small_project.parents[1]
+    relative = write(tmp_path, f"project:\n  path: {small_project.parent.name}\n"
+                               "  source_settings: {lidar_axes: x_forward}\n")
+    with pytest.raises(ConfigError, match="not a setting of layout nextpoints"):
+        load_config(relative, data_root=data_root)
+    ok = write(tmp_path, f"project:\n  path: {small_project}\n  source_settings: {{main_lidar: lidar-fusion}}\n")
+    assert load_config(ok).project.source_settings == {"main_lidar": "lidar-fusion"}
