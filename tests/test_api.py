@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import uuid
 import zipfile
 from contextlib import contextmanager
@@ -104,6 +105,55 @@ def test_the_guides_request_starts_an_export_and_the_status_reflects_it(client, 
     for key in ("current_step", "message", "started_at", "completed_at", "file_size", "total_frames_processed",
                 "total_annotations_exported", "error_details"):
         assert key in status
+
+
+# The body of the README's curl example (the product guide's request).
+README_BODY = {"export_format": "nuscenes_v1.0", "coordinate_system": "global",
+               "annotation_filter": {"object_types": ["car", "pedestrian"], "min_points": 5},
+               "export_options": {"include_images": True, "include_pointcloud": True, "compress_output": True}}
+
+
+def test_the_guides_body_on_50_frames_completes_and_the_download_loads_in_the_devkit(client, pipeline_env,
+                                                                                      celery_worker, tmp_path):
+    """Over HTTP end to end: POST, poll (progress never decreases, 100 exactly at completed, the step names
+    frame counts), download, unpack, ``NuScenes()`` with the expected sample and annotation counts."""
+    from nuscenes import NuScenes
+
+    from stages.synth import generate_project
+
+    project_dir = generate_project(pipeline_env.data_root, "api-drive-50", 50, cameras=6, seed=3)
+    labels = [obj for p in sorted((project_dir / "label").glob("*.json")) for obj in json.loads(p.read_text())]
+    wanted = [obj for obj in labels if obj["obj_type"] in ("car", "pedestrian")]
+
+    task_id = start(client, "api-drive-50", README_BODY)["task_id"]
+    seen = []
+
+    def finished():
+        seen.append(client.get(f"/api/projects/export/tasks/{task_id}").json())
+        return seen[-1] if seen[-1]["status"] in FINISHED else None
+
+    final = wait_until(finished, timeout=EXPORT_TIMEOUT, interval=0.05, what="the 50-frame export")
+    assert final["status"] == "completed", final
+    progress = [s["progress"] for s in seen]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert all(s["progress"] < 100 for s in seen if s["status"] != "completed")
+    assert any(re.fullmatch(r"Processing frame \d+/50", s["current_step"]) for s in seen), \
+        [s["current_step"] for s in seen]
+
+    response = client.get(f"/api/projects/export/download/{task_id}")
+    assert response.status_code == 200 and int(response.headers["content-length"]) == len(response.content)
+    with zipfile.ZipFile(io.BytesIO(response.content)) as zf:
+        zf.extractall(tmp_path / "dataset")
+    nusc = NuScenes(version="v1.0-trainval", dataroot=str(tmp_path / "dataset"), verbose=False)
+    assert len(nusc.sample) == final["total_frames_processed"] == 50
+    assert len(nusc.sample_annotation) == final["total_annotations_exported"] > 0
+    # every car and pedestrian label is exported or counted as removed by min_points; nothing else is exported
+    assert final["total_annotations_exported"] + final["filtered"].get("min_points", 0) == len(wanted)
+    assert final["filtered"]["object_types"] == len(labels) - len(wanted)
+    categories = {nusc.get("category", nusc.get("instance", a["instance_token"])["category_token"])["name"]
+                  for a in nusc.sample_annotation}
+    assert categories <= {"vehicle.car", "human.pedestrian.adult"}
+    assert min(a["num_lidar_pts"] for a in nusc.sample_annotation) >= 5
 
 
 def test_the_path_fixes_the_format_and_a_body_asking_for_another_is_refused(client, project):
