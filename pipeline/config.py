@@ -16,7 +16,8 @@ A file is merged over ``configs/pipeline.yaml`` (the defaults) and validated wit
 runs: an unknown or ill-typed key is a ``ConfigError`` naming the file, the line and the key's path, e.g.
 ``nuscenes.yaml:7: export.export_options.compres_output: unknown key (did you mean 'compress_output'?)``.
 The sections whose keys belong to someone else are checked by their owners, at load time all the same:
-``project.source_settings`` by the layout's reader (``stages/sources/<layout>.py``).
+``project.source_settings`` by the layout's reader (``stages/sources/<layout>.py``), ``export`` by the format's
+request check (as the API's requests are), ``mappings`` by the format's mapping check.
 """
 from __future__ import annotations
 
@@ -168,6 +169,7 @@ def load_config(path: str | Path, defaults: str | Path | None = DEFAULTS_FILE, *
     except ValidationError as err:
         raise ConfigError(_problems(err, files)) from None
     layout, problems = _check_source_settings(config, files, data_root)
+    problems += _check_request(config, files)
     problems += _check_mappings(config, files, layout)
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
@@ -314,6 +316,21 @@ def _model_in(annotation: Any) -> Any:
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 return arg
     return None
+
+
+def _check_request(config: PipelineConfig, files: list[tuple[str, Any, Any]]) -> list[ConfigProblem]:
+    """The export request must make sense for its format (the check the API runs on a request, e.g. nuScenes
+    has no ``coordinate_system: lidar``); the problem is at ``export.<the field the format names>``."""
+    from stages.formats import get_format
+
+    try:
+        get_format(config.export.export_format.value).check_request(config.export)
+    except ValueError as err:
+        field = getattr(err, "field", None)
+        loc = ("export", *field.split(".")) if field else ("export",)
+        file, line = _where(files, loc)
+        return [ConfigProblem(file, line, _dotted(loc), str(err))]
+    return []
 
 
 def _check_mappings(config: PipelineConfig, files: list[tuple[str, Any, Any]],

@@ -173,3 +173,26 @@ def test_source_settings_are_checked_against_the_layout_detected_in_the_project_
         load_config(relative, data_root=data_root)
     ok = write(tmp_path, f"project:\n  path: {small_project}\n  source_settings: {{main_lidar: lidar-fusion}}\n")
     assert load_config(ok).project.source_settings == {"main_lidar": "lidar-fusion"}
+
+
+def test_a_request_the_format_cannot_honour_is_refused_at_load_time_at_its_field(tmp_path):
+    """The format's own request check (the one the API answers 422 with), at the field's line."""
+    path = write(tmp_path, """\
+project: {name: p}
+export:
+  export_format: nuscenes_v1.0
+  coordinate_system: lidar
+""")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:4: export.coordinate_system: nuScenes stores boxes in the global frame")
+    path = write(tmp_path, """\
+project: {name: p}
+export:
+  export_format: kitti
+  coordinate_system: lidar
+  export_options:
+    key_frame_interval: 5
+    include_sweeps: true
+""")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:7: export.export_options.include_sweeps: KITTI 3D object has no sweeps")
