@@ -229,3 +229,30 @@ def test_serve_runs_the_whole_service_on_a_demo_project_and_stops_every_child(tm
         serve.wait(90)
     assert serve.returncode == 0, log.read_text()[-3000:]
     wait_until(lambda: not any(_alive(pid) for pid in children), 30, 0.2, what="every child of serve to exit")
+
+
+def test_a_worker_takes_its_time_limit_concurrency_and_delivery_settings_from_the_environment(pipeline_env):
+    """CELERY_TASK_TIME_LIMIT / CELERY_WORKER_CONCURRENCY reach a real worker started without -c, with JSON only,
+    late acks, prefetch 1, a visibility timeout above the time limit and results outliving the cleanup age."""
+    from pipeline.celery_app import app
+
+    hostname = f"npx-settings-{os.getpid()}@localhost"
+    env = {**pipeline_env.env, "CELERY_TASK_TIME_LIMIT": "900", "CELERY_WORKER_CONCURRENCY": "3"}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "pipeline.celery_app", "worker",
+                               "--hostname", hostname, "--queues", "npx-settings-probe", "--without-gossip",
+                               "--without-mingle", "--loglevel", "warning"],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        inspect = app.control.inspect(destination=[hostname], timeout=1)
+        stats = wait_until(lambda: (inspect.stats() or {}).get(hostname), 60, 0.5, what="the probe worker")
+        conf = inspect.conf()[hostname]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    assert stats["pool"]["max-concurrency"] == 3
+    assert conf["task_time_limit"] == 900 and conf["task_soft_time_limit"] < 900
+    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"]
+    assert conf["task_acks_late"] is True and conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["visibility_timeout"] > 900
+    assert conf["result_expires"] >= float(os.environ.get("NPX_CLEANUP_MAX_AGE_HOURS", 72)) * 3600
