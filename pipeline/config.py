@@ -335,23 +335,55 @@ def _check_request(config: PipelineConfig, files: list[tuple[str, Any, Any]]) ->
 
 def _check_mappings(config: PipelineConfig, files: list[tuple[str, Any, Any]],
                     layout: str | None) -> list[ConfigProblem]:
-    """The mapping overrides, merged over the format's mapping file, must be a valid mapping."""
+    """The mapping overrides, merged over the format's mapping file, must be a valid mapping. The format's
+    check names the offending entry only in its message: the override at fault is found by checking each
+    override on its own, and reported at its path (``mappings.categories.van``)."""
     if not config.mappings:
         return []
     from stages.discover import load_mapping_for
     from stages.formats import get_format
     from stages.mappings import MappingOverrideError
 
-    try:
-        load_mapping_for(get_format(config.export.export_format.value), layout, config.mappings)
-    except MappingOverrideError as err:
-        loc = ("mappings", *err.loc)
-        file, line = _where(files, loc)
-        return [ConfigProblem(file, line, _dotted(loc), err.problem)]
-    except (ValueError, TypeError, AttributeError) as err:
-        file, line = _where(files, ("mappings",))
-        return [ConfigProblem(file, line, "mappings", str(err))]
-    return []
+    fmt = get_format(config.export.export_format.value)
+
+    def refusal(overrides: dict[str, Any]) -> tuple[tuple, str] | None:
+        """(path inside the overrides, or () when the format does not say; why), None if the mapping is valid."""
+        try:
+            load_mapping_for(fmt, layout, overrides)
+        except MappingOverrideError as err:
+            return err.loc, err.problem
+        except (ValueError, TypeError, AttributeError) as err:
+            return (), str(err)
+        return None
+
+    found = refusal(config.mappings)
+    if found is None:
+        return []
+    refused = [found]
+    if not found[0] and fmt.mapping_name:
+        alone = [(leaf, refusal(_nested(leaf, value))) for leaf, value in _leaves(config.mappings)]
+        refused = [(leaf, why[1]) for leaf, why in alone if why is not None] or refused  # else: only together
+    problems = []
+    for inner, message in refused:
+        loc = ("mappings", *inner)
+        problems.append(ConfigProblem(*_where(files, loc), _dotted(loc), message))
+    return problems
+
+
+def _leaves(tree: dict[str, Any], loc: tuple = ()) -> typing.Iterator[tuple[tuple, Any]]:
+    """(path, value) of every value in nested dicts that is not itself a non-empty dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*loc, key))
+        else:
+            yield (*loc, key), value
+
+
+def _nested(loc: tuple, value: Any) -> dict[str, Any]:
+    """``{loc[0]: {loc[1]: ... value}}``"""
+    for key in reversed(loc):
+        value = {key: value}
+    return value
 
 
 def _check_source_settings(config: PipelineConfig, files: list[tuple[str, Any, Any]],

@@ -79,7 +79,7 @@ mappings:
   classes: {car: Automobile}
 """)
     [problem] = problems(path)
-    assert problem.startswith(f"{path}:3: mappings: kitti mapping: type 'car' maps to 'Automobile'")
+    assert problem.startswith(f"{path}:4: mappings.classes.car: kitti mapping: type 'car' maps to 'Automobile'")
 
 
 def test_priority_is_given_once_and_lands_in_the_request(tmp_path):
@@ -196,3 +196,22 @@ export:
 """)
     [problem] = problems(path)
     assert problem.startswith(f"{path}:7: export.export_options.include_sweeps: KITTI 3D object has no sweeps")
+
+
+def test_a_bad_mapping_value_is_named_at_its_own_path_and_line(tmp_path):
+    """The format's mapping check says what is wrong; the config says where."""
+    path = write(tmp_path, """\
+project: {name: p}
+mappings:
+  categories:
+    car: vehicle.car
+    van: vehicle.spaceship
+  attributes:
+    moving_speed_mps: 0.5
+    vehicle_categories: [vehicle.car, vehicle.boat]
+""")
+    found = problems(path)
+    assert [p.split(": ")[0:2] for p in found] == [[f"{path}:5", "mappings.categories.van"],
+                                                  [f"{path}:8", "mappings.attributes.vehicle_categories"]]
+    assert "'vehicle.spaceship', not an official nuScenes category" in found[0]
+    assert "unknown categories ['vehicle.boat']" in found[1]
