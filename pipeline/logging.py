@@ -1,5 +1,5 @@
 """Logging, configured once per process: structlog for our lines, and the standard library's (Celery,
-uvicorn, kombu) routed through the same processors, so every line is one JSON object (or one console line)
+uvicorn, kombu, and Python warnings as ``py.warnings``) routed through the same processors, so every line is one JSON object (or one console line)
 carrying the context bound with ``structlog.contextvars``: ``export_id``, ``stage``, ``batch``, ``frame``.
 
 Who binds what: the API's middleware binds ``request_id`` and the request's ``export_id``
@@ -86,6 +86,9 @@ def configure_logging(fmt: LogFormat = "json", level: int | str = logging.INFO) 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python warnings (Celery's SecurityWarning, deprecations) go to the "py.warnings" logger, hence through
+    # the same renderer, instead of as raw text on stderr that breaks the one-JSON-object-per-line logs
+    logging.captureWarnings(True)
     _route_libraries()
     _configured = (fmt, level)
 

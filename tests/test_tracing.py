@@ -40,6 +40,13 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict, d
         return 0, {}, {}
 
 
+def configured_process(fmt: str, code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh process whose logging is configured as the service's processes configure it."""
+    script = f"from pipeline.logging import configure_logging\nconfigure_logging({fmt!r})\n{code}"
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={**(env or {}), "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+
+
 def json_lines(path: Path) -> tuple[list[dict], list[str]]:
     """(JSON log lines, other lines) of a log file."""
     parsed, other = [], []
@@ -133,3 +140,15 @@ def test_one_filter_gives_the_whole_trace_in_order(traced_export):
     compress_end = max(i for i, e in enumerate(events) if e[1:] == ("stage finished", "compress"))
     discover_start = events.index(("pipeline.tasks", "stage started", "discover"))
     assert first_post < discover_start < compress_end
+
+
+def test_a_python_warning_in_a_configured_process_is_a_json_log_line():
+    """Celery's SecurityWarning (pickle accepted...) and deprecations are log lines like any other."""
+    done = configured_process("json", "import warnings\nfrom celery.exceptions import SecurityWarning\n"
+                                      "warnings.warn('you have enabled pickle', SecurityWarning)\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines and all(line.startswith("{") for line in lines), lines
+    [warning] = [json.loads(line) for line in lines]
+    assert warning["logger"] == "py.warnings" and warning["level"] == "warning"
+    assert "SecurityWarning: you have enabled pickle" in warning["event"]
