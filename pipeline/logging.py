@@ -1,6 +1,7 @@
 """Logging, configured once per process: structlog for our lines, and the standard library's (Celery,
-uvicorn, kombu, and Python warnings as ``py.warnings``) routed through the same processors, so every line is one JSON object (or one console line)
-carrying the context bound with ``structlog.contextvars``: ``export_id``, ``stage``, ``batch``, ``frame``.
+uvicorn, kombu, and Python warnings as ``py.warnings``) routed through the same processors, so every line is
+one JSON object (or one console line) carrying the context bound with ``structlog.contextvars``:
+``export_id``, ``stage``, ``batch``, ``frame``.
 
 Who binds what: the API's middleware binds ``request_id`` and the request's ``export_id``
 (``api/middleware.py``); every task binds ``export_id``, ``stage`` and ``batch`` and, while converting a
