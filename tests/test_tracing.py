@@ -40,11 +40,14 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict, d
         return 0, {}, {}
 
 
-def configured_process(fmt: str, code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``code`` run in a fresh process whose logging is configured as the service's processes configure it."""
-    script = f"from pipeline.logging import configure_logging\nconfigure_logging({fmt!r})\n{code}"
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                          env={**(env or {}), "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+def configured_process(log_format: str, code: str) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh process (stderr not a terminal) with ``NPX_LOG_FORMAT=log_format``, its logging
+    configured as the API and the workers configure theirs."""
+    script = ("from pipeline.logging import configure_logging\nfrom pipeline.settings import get_settings\n"
+              f"configure_logging(get_settings().log_format)\n{code}")
+    env = {"NPX_LOG_FORMAT": log_format, "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def json_lines(path: Path) -> tuple[list[dict], list[str]]:
@@ -152,3 +155,21 @@ def test_a_python_warning_in_a_configured_process_is_a_json_log_line():
     [warning] = [json.loads(line) for line in lines]
     assert warning["logger"] == "py.warnings" and warning["level"] == "warning"
     assert "SecurityWarning: you have enabled pickle" in warning["event"]
+
+
+def test_the_console_format_writes_readable_lines_that_still_name_the_export():
+    export_id = "0c0ffee0-0000-4000-8000-000000000001"
+    done = configured_process("console", f"""\
+import logging, structlog
+structlog.contextvars.bind_contextvars(export_id={export_id!r}, stage="convert")
+structlog.get_logger("pipeline.tasks").info("stage started", batch=3)
+logging.getLogger("celery.app.trace").info("Task export.convert[{export_id}-convert-00003] succeeded")
+""")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and not any(line.lstrip().startswith("{") for line in lines), lines
+    assert not any("\x1b[" in line for line in lines)  # no colour codes when stderr is not a terminal
+    ours, celery = lines
+    assert "stage started" in ours and f"export_id={export_id}" in ours and "batch=3" in ours
+    assert "[pipeline.tasks]" in ours and "info" in ours
+    assert "Task export.convert" in celery and f"export_id={export_id}" in celery
