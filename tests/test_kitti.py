@@ -351,6 +351,66 @@ def test_the_axes_warning_of_a_sustech_scene_gives_the_fix_that_works(settings, 
         assert "lidar->ego calibration is the identity" in warning and "ego_vehicle cannot help" in warning
 
 
+def imagesets(out: Path) -> dict[str, list[str]]:
+    return {s: (out / "ImageSets" / f"{s}.txt").read_text().split() for s in ("train", "val", "trainval", "test")}
+
+
+@pytest.fixture(scope="module")
+def sustech_kitti(tmp_path_factory) -> tuple[SerialRun, Path]:
+    """The real SUSTechPOINTS scene (frame 000950 has no camera image) exported to KITTI."""
+    dest = tmp_path_factory.mktemp("sustech-kitti") / "out"
+    return run_serial(SUSTECH, dest, kitti_request("ego_vehicle"), source_settings={"lidar_axes": "x_left_y_back"}), dest
+
+
+def test_every_index_in_imagesets_of_the_real_scene_has_image_label_calib_and_velodyne(sustech_kitti):
+    """mmdetection3d's and OpenPCDet's KITTI loaders read all four files of every listed index."""
+    run, out = sustech_kitti
+    sets = imagesets(out)
+    assert sorted(sets["train"]) == sorted(sets["trainval"]) == [f"{i:06d}" for i in range(4)]
+    for idx in {i for listed in sets.values() for i in listed}:
+        for folder, suffix in (("image_2", ".jpg"), ("label_2", ".txt"), ("calib", ".txt"), ("velodyne", ".bin")):
+            assert (out / "training" / folder / f"{idx}{suffix}").is_file(), (folder, idx)
+
+
+def test_the_frame_without_an_image_gets_the_nearest_frames_image_with_a_warning(sustech_kitti):
+    """missing_image_policy: nearest (the default), as for nuScenes: 000950 (index 0) gets 000965's image."""
+    run, out = sustech_kitti
+    frame_ids = [line.split()[1] for line in (out / "training" / "frame_ids.txt").read_text().splitlines()]
+    assert frame_ids[:2] == ["000950", "000965"]
+    assert (out / "training" / "image_2" / "000000.jpg").read_bytes() == \
+        (SUSTECH / "camera" / "front" / "000965.jpg").read_bytes()
+    assert (out / "training" / "image_2" / "000001.jpg").read_bytes() == \
+        (SUSTECH / "camera" / "front" / "000965.jpg").read_bytes()
+    warned = [w["warning"] for w in run.merged.warnings if w["frame"] == "000950" and "camera front" in w["warning"]]
+    assert warned == ["missing image for camera front: image_2/000000 uses the image of frame 000965 (+1500.0 ms), "
+                      "the nearest in time"]
+    counts = run.merged.counts
+    assert counts["images"] == 4 and counts["missing_images"] == counts["filled_images"] == 1
+    assert counts["not_in_imagesets"] == 0
+
+
+def test_with_missing_image_policy_skip_the_frame_is_left_out_of_imagesets_and_counted(tmp_path):
+    staging = tmp_path / "staging"
+    found = discover(SUSTECH, kitti_request("lidar", include_pointcloud=False), staging, export_id="k",
+                     batch_size=2, source_settings={"lidar_axes": "x_left_y_back"})
+    plan = ExportPlan.load(staging)
+    plan.mappings["missing_image_policy"] = "skip"
+    plan.save()
+    for i in range(found.n_batches):
+        convert_batch(staging, i)
+    merged = merge_tables(staging)
+    out = plan.output_dir
+    assert imagesets(out)["train"] == ["000001", "000002", "000003"]
+    assert not (out / "training" / "image_2" / "000000.jpg").exists()
+    assert (out / "training" / "label_2" / "000000.txt").is_file()  # the labels are still written
+    counts = merged.counts
+    assert counts["not_in_imagesets"] == counts["missing_images"] == 1 and counts["filled_images"] == 0
+    assert counts["split.train"] == 3 and counts["frames"] == 4
+    assert any("000000 left out of ImageSets" in w["warning"] for w in merged.warnings if w["frame"] == "000950")
+    with pytest.raises(ValueError, match="missing_image_policy must be one of"):
+        KittiMapping.from_dict({**load_mapping("kitti"), "missing_image_policy": "interpolate"})
+
+
 def test_global_coordinate_system_is_rejected(projects, tmp_path):
     request = kitti_request("global")
     with pytest.raises(ValueError, match="KITTI has no global frame"):

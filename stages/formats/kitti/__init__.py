@@ -7,9 +7,12 @@ does not depend on how frames were batched)::
     training/label_2/<idx>.txt    one line per object, in the reference camera frame; DontCare lines last
     training/calib/<idx>.txt      P0..P3, R0_rect, Tr_velo_to_cam, Tr_imu_to_velo (the same for every frame)
     training/image_2/<idx>.jpg    the reference camera's image, copied byte for byte (.png when the source is a
-                                  PNG, or with ``image_format: png`` in the mapping: re-encoded, slower)
+                                  PNG, or with ``image_format: png`` in the mapping: re-encoded, slower); a frame
+                                  without one gets the nearest frame's (``missing_image_policy: nearest``) or
+                                  none and is left out of ImageSets (``skip``)
     training/frame_ids.txt        "<idx> <frame_id> <timestamp_us>" per frame: the way back to the source
-    ImageSets/{train,val,trainval,test}.txt   indices; all in train/trainval unless the mapping's split says so
+    ImageSets/{train,val,trainval,test}.txt   indices (of frames with image_2 when images are exported); all in
+                                              train/trainval unless the mapping's split says so
 
 Frames and conventions:
 
@@ -62,6 +65,7 @@ import pyarrow as pa
 
 from stages.errors import ExportError, InputError, RequestError
 from stages.formats.base import OutputFormat
+from stages.formats.images import ImageIndex, note_filled_image
 from stages.formats.kitti.labels import KITTI_CAM_FROM_VELO, KittiBoxes, PinholeCamera, kitti_boxes
 from stages.formats.kitti.mapping import KittiMapping
 from stages.model import LoadedFrame, SensorCalib
@@ -125,6 +129,14 @@ class KittiFormat(OutputFormat):
         precision = plan.request.export_options.coordinate_precision
         self.decimals = DEFAULT_DECIMALS if precision is None else precision
         self.index_of = {ref.frame_id: i for i, ref in enumerate(plan.frames)}
+        self._images: ImageIndex | None = None
+
+    @property
+    def images(self) -> ImageIndex:
+        """The plan's frames with a reference image, for ``missing_image_policy: nearest`` (built on first use)."""
+        if self._images is None:
+            self._images = ImageIndex(self.plan.frames)
+        return self._images
 
     # -- convert ---------------------------------------------------------------------------------------------
 
@@ -144,17 +156,23 @@ class KittiFormat(OutputFormat):
             _write_atomic(training / "velodyne" / f"{stem}.bin", self._velodyne_bytes(frame.points))
         elif opts.include_pointcloud:
             frame.warnings.append("no point cloud loaded: velodyne file not written")
-        wrote_image = False
+        wrote_image = filled = False
         if opts.include_images:
-            src = frame.ref.cameras.get(self.camera_channel)
+            src, image_frame = frame.ref.cameras.get(self.camera_channel), frame.ref.frame_id
+            if src is None and self.mapping.missing_image_policy == "nearest":
+                j = self.images.nearest(self.camera_channel, frame.ref.timestamp_us)
+                if j is not None:  # None: no frame of the export has a reference image
+                    used = self.plan.frames[j]
+                    src, image_frame, filled = used.cameras[self.camera_channel], used.frame_id, True
+                    note_filled_image(frame, self.camera_channel, f"image_2/{stem}", used)
             if src is None:
                 frame.warnings.append(f"missing image for reference camera {self.camera_channel}: "
-                                      f"image_2/{stem} not written")
+                                      f"image_2/{stem} not written, {stem} left out of ImageSets")
             else:
-                self._write_image(Path(src), training / "image_2", stem, frame.ref.frame_id)
+                self._write_image(Path(src), training / "image_2", stem, image_frame)
                 wrote_image = True
         row = {"index": index, "frame_id": frame.ref.frame_id, "timestamp_us": frame.ref.timestamp_us,
-               "objects": len(lines), "image": wrote_image, "pointcloud": wrote_points}
+               "objects": len(lines), "image": wrote_image, "image_filled": filled, "pointcloud": wrote_points}
         out: dict[str, list[dict[str, Any]]] = {FRAMES_TABLE: [row]}
         if objects:
             out[OBJECTS_TABLE] = objects
@@ -254,7 +272,11 @@ class KittiFormat(OutputFormat):
             missing = sorted(set(range(len(self.plan.frames))) - set(indices))
             raise ExportError(f"KITTI merge: converted frames do not cover the plan (missing indices "
                               f"{missing[:10]}, {len(indices)} rows for {len(self.plan.frames)} frames)")
-        splits = self.mapping.split.assign(indices)
+        # a frame without image_2 (include_images, but no reference image to write) stays out of ImageSets:
+        # mmdetection3d's and OpenPCDet's KITTI loaders read image_2 of every listed index
+        images_asked = self.plan.request.export_options.include_images
+        listed = [r["index"] for r in frames if r["image"] or not images_asked]
+        splits = self.mapping.split.assign(listed)
         for split in SPLITS:
             _write_atomic(self.output_dir / "ImageSets" / f"{split}.txt",
                           "".join(f"{i:06d}\n" for i in splits[split]).encode())
@@ -265,6 +287,11 @@ class KittiFormat(OutputFormat):
         counts["frames"] = len(frames)
         counts["annotations"] = sum(r["objects"] for r in frames)
         counts["images"] = sum(bool(r["image"]) for r in frames)
+        if images_asked:
+            counts["missing_images"] = sum(self.plan.frames[r["index"]].cameras.get(self.camera_channel) is None
+                                           for r in frames)
+            counts["filled_images"] = sum(bool(r.get("image_filled")) for r in frames)
+            counts["not_in_imagesets"] = len(frames) - len(listed)
         counts["pointclouds"] = sum(bool(r["pointcloud"]) for r in frames)
         for split in SPLITS:
             counts[f"split.{split}"] = len(splits[split])

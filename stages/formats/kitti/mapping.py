@@ -1,11 +1,12 @@
 """The KITTI mapping (``configs/mappings/kitti.yaml``, stored in the plan) parsed and validated once:
-source object types → KITTI classes, the reference camera, the out-of-image policy, the image encoding and the
-ImageSets split."""
+source object types → KITTI classes, the reference camera, the out-of-image and missing-image policies, the image
+encoding and the ImageSets split."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from stages.formats.images import MISSING_IMAGE_POLICIES
 from stages.model import SensorCalib
 
 KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
@@ -51,6 +52,7 @@ class KittiMapping:
     image_format: str  # source (copy the file as is) | png (re-encode)
     split: Split
     max_tilt_deg: float  # boxes tilted more than this w.r.t. the camera's -y axis are counted
+    missing_image_policy: str = "nearest"  # nearest (image_2 from the nearest frame) | skip (left out of ImageSets)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "KittiMapping":
@@ -88,12 +90,17 @@ class KittiMapping:
         if not (0 <= split.val_fraction <= 1 and 0 <= split.test_fraction <= 1
                 and split.val_fraction + split.test_fraction <= 1):
             raise ValueError(f"kitti mapping: split fractions must be in [0, 1] and sum to at most 1, got {split}")
+        image_policy = d.get("missing_image_policy", "nearest")
+        if image_policy not in MISSING_IMAGE_POLICIES:
+            raise ValueError(f"kitti mapping: missing_image_policy must be one of {MISSING_IMAGE_POLICIES}, "
+                             f"got {image_policy!r}")
         ref = d.get("reference_camera")
         return KittiMapping(
             classes=classes, classes_normalised=normalised, unknown_type_policy=policy,
             sitting_obj_attrs=frozenset(normalise_name(s) for s in d.get("sitting_obj_attrs") or []),
             reference_camera=None if ref is None else str(ref), out_of_image=out_of_image,
             image_format=image_format, split=split, max_tilt_deg=float(d.get("max_tilt_deg", 1.0)),
+            missing_image_policy=image_policy,
         )
 
     def class_of(self, obj_type: str, attributes: list[str] | tuple[str, ...] = ()) -> tuple[str | None, bool]:

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from stages.errors import RequestError
 from stages.formats.base import OutputFormat
-from stages.formats.nuscenes.convert import FrameConverter, ImageIndex
+from stages.formats.images import ImageIndex
+from stages.formats.nuscenes.convert import FrameConverter
 from stages.formats.nuscenes.mapping import NuScenesMapping
 from stages.model import LoadedFrame
 from stages.request import CoordinateSystem

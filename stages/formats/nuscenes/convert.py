@@ -20,10 +20,8 @@ no other sample_data can use since this frame has no image of its own for that c
 """
 from __future__ import annotations
 
-import bisect
 import os
 import shutil
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stages.errors import InputError
+from stages.formats.images import ImageIndex, note_filled_image
 from stages.formats.nuscenes.mapping import NuScenesMapping, normalise_name
 from stages.formats.nuscenes.tokens import make_token
 from stages.formats.nuscenes.vocabulary import LIDAR_CHANNEL
@@ -75,34 +74,6 @@ def write_image(src: str, dest: Path, frame_id: str) -> tuple[int, int]:
         raise InputError(f"cannot read image: {exc}", path=src, frame=frame_id) from None
     os.replace(tmp, dest)
     return int(width), int(height)
-
-
-class ImageIndex:
-    """The plan's frames that have an image, per source camera channel, for nearest-in-time lookups."""
-
-    def __init__(self, frames: list[FrameRef]):
-        per_channel: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for index, ref in enumerate(frames):
-            for source, path in ref.cameras.items():
-                if path is not None:
-                    per_channel[source].append((ref.timestamp_us, index))
-        self._times: dict[str, list[int]] = {}
-        self._indices: dict[str, list[int]] = {}
-        for source, rows in per_channel.items():
-            rows.sort()
-            self._times[source] = [t for t, _ in rows]
-            self._indices[source] = [i for _, i in rows]
-
-    def nearest(self, source: str, timestamp_us: int) -> int | None:
-        """Index (in the plan) of the frame nearest in time to ``timestamp_us`` that has an image of ``source``;
-        the earlier one on a tie; None when no frame has one."""
-        times = self._times.get(source)
-        if not times:
-            return None
-        i = bisect.bisect_left(times, timestamp_us)
-        candidates = [k for k in (i - 1, i) if 0 <= k < len(times)]
-        best = min(candidates, key=lambda k: (abs(times[k] - timestamp_us), times[k]))
-        return self._indices[source][best]
 
 
 class FrameConverter:
@@ -198,14 +169,7 @@ class FrameConverter:
         width, height = write_image(other.cameras[source], self.output_dir / name, other.frame_id)
         add_sample_data(channel, name, "jpg", width, height, timestamp_us=other.timestamp_us,
                         ego_pose=self.ego_poses[j])
-        plain = f"missing image for camera {source}"
-        dt_ms = (other.timestamp_us - ref.timestamp_us) / 1000.0
-        message = (f"{plain}: {channel} of this sample uses the image of frame {other.frame_id} "
-                   f"({dt_ms:+.1f} ms), the nearest in time")
-        if plain in frame.warnings:
-            frame.warnings[frame.warnings.index(plain)] = message
-        else:
-            frame.warnings.append(message)
+        note_filled_image(frame, source, f"{channel} of this sample", other)
 
     def _annotations(self, frame: LoadedFrame, sample_token: str) -> dict[str, list[dict[str, Any]]]:
         """Annotation rows of a key frame: boxes in the global frame, category, rider flag, lidar point count."""

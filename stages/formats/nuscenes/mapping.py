@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from stages.formats.images import MISSING_IMAGE_POLICIES
 from stages.formats.nuscenes.vocabulary import (CAMERA_CHANNELS, CATEGORIES, LIDAR_CHANNEL,
                                                 RADAR_CHANNELS, VISIBILITY)
 from stages.model import SensorCalib
 
 POLICIES = ("skip", "error")
-# missing_image_policy: what a key frame gets for a camera whose image is missing (see the YAML)
-MISSING_IMAGE_POLICIES = ("nearest", "skip")
 
 
 def normalise_name(name: str) -> str:
