@@ -7,12 +7,28 @@ Conventions:
 * ``DATA ascii``: one point per line, values separated by whitespace, in FIELDS order (a field with
   COUNT c contributes c values).
 * ``DATA binary``: points are packed records of ``sum(SIZE*COUNT)`` bytes, in FIELDS order. Bytes after the
-  last point are ignored.
+  last point are ignored, unless the data holds exactly a whole number of bytes more per point than the header's
+  record: then the header does not describe the records, and that is an error.
 * ``DATA binary_compressed``: uint32 compressed size, uint32 uncompressed size, then LZF data that
   decompresses to a column-major layout: all N values of field 1 (``SIZE*COUNT*N`` bytes, the COUNT values
   of one point contiguous, as PCL writes them), then field 2, ...
 * Fields named ``_`` are padding: they occupy bytes but are not returned. A field with COUNT 0 occupies no
-  bytes (SUSTechPOINTS files have one).
+  bytes, as the spec (and PCL's reader) has it.
+
+A binary header with a COUNT 0 field: the record layout is checked against the data (``_binary_layout``). A
+writer only emits ``_`` for a gap between fields, so a gap of 0 bytes shows that its padding counts were not
+the record's real gaps. The real SUSTechPOINTS files are such a case: their header (``FIELDS x y z _ intensity
+_ timestamp _ ring _``, ``SIZE 4 4 4 1 4 1 8 1 2 1``, ``COUNT 1 1 1 4 1 0 1 6 1 12``) declares a 48-byte record,
+and the records are 48 bytes long (the files end with 3,848 zero bytes), but the padding around timestamp and
+ring is misplaced. The header puts them at bytes 20 and 34: there the timestamp decodes as denormals and
+±1e308 and the ring as a constant 58,792. The bytes hold them at 24 and 32, where a C compiler places them:
+timestamps within one 0.1 s sweep, rings 0..39. So the data decide between the header's layout and the
+*aligned* one: the header's offsets up to the COUNT 0 field, then each real field at the next multiple of its
+SIZE, padding dropped. A layout loses when a float field it moves decodes to absurd values. Failing that, the
+header's layout wins when the bytes it calls padding are the same in every point, then the aligned one on
+the same test. When nothing decides, the fields the two place differently are untrusted: ``read_pcd`` leaves
+them out and lists them in ``header["untrusted"]``; ``read_points_xyzir`` raises if x, y, z or intensity is one
+of them, and reads ring as 0. ``header["layout"]`` says which layout was used ("header" or "aligned").
 
 Every problem raises :class:`stages.errors.PointCloudError` naming the file, except a file that exists but
 cannot be read just now (permission, I/O error): :class:`stages.errors.InputUnavailable`, which the pipeline
@@ -43,7 +59,10 @@ class PcdCloud:
     """A parsed PCD file.
 
     ``header`` keys: version (str), fields (list[str]), size/count (list[int]), type (list[str]),
-    width/height/points (int), viewpoint (list[float], 7 values: tx ty tz qw qx qy qz), data (str).
+    width/height/points (int), viewpoint (list[float], 7 values: tx ty tz qw qx qy qz), data (str),
+    layout ("header" or "aligned") and untrusted (list[str]): how the binary records were laid out (module
+    docstring).
+
     ``fields`` maps each non-padding field with COUNT >= 1 to an array of shape (N,) or (N, COUNT),
     dtype as declared by SIZE/TYPE.
     """
@@ -120,12 +139,13 @@ def _parse_header(buf: bytes, path) -> tuple[dict, int]:
         raise _fail("bad header: duplicate field names", path)
     header = {"version": (raw.get("VERSION") or ["0.7"])[0], "fields": names, "size": size, "type": types,
               "count": count, "width": width, "height": height, "viewpoint": viewpoint,
-              "points": points, "data": data}
+              "points": points, "data": data, "layout": "header", "untrusted": []}
     return header, pos
 
 
 def _layout(header: dict):
-    """Yield (name, numpy dtype of one value, count, byte offset within a point) for every non-empty field."""
+    """Yield (name, numpy dtype of one value, count, byte offset within a point) for every non-empty field, at
+    the offsets the header implies (a COUNT 0 field takes no bytes)."""
     offset = 0
     for i, (name, t, s, c) in enumerate(zip(header["fields"], header["type"], header["size"], header["count"])):
         if c > 0:
@@ -141,12 +161,95 @@ def _wanted(name: str, want) -> bool:
     return not name.startswith("_ ") and (want is None or name in want)
 
 
+def _aligned_layout(header: dict) -> list[tuple] | None:
+    """The header's layout up to its first COUNT 0 field, then every real field at the next multiple of its SIZE
+    (C struct alignment), padding fields dropped; None when that does not fit in the header's record."""
+    out, offset, after_zero = [], 0, False
+    for i, (name, t, s, c) in enumerate(zip(header["fields"], header["type"], header["size"], header["count"])):
+        after_zero = after_zero or c == 0
+        if not after_zero:
+            out.append((name if name != "_" else f"_ {i}", np.dtype(f"<{_NUMPY_KIND[t]}{s}"), c, offset))
+            offset += s * c
+        elif name != "_" and c > 0:
+            offset = -(-offset // s) * s
+            out.append((name, np.dtype(f"<{_NUMPY_KIND[t]}{s}"), c, offset))
+            offset += s * c
+    return out if offset <= _point_size(header) else None
+
+
+def _padding_mask(layout: list[tuple], step: int) -> np.ndarray:
+    """True for the bytes of a record that no real (non-padding) field of ``layout`` covers."""
+    mask = np.ones(step, dtype=bool)
+    for name, dt, c, off in layout:
+        if not name.startswith("_ "):
+            mask[off:off + dt.itemsize * c] = False
+    return mask
+
+
+def _implausible_floats(records: np.ndarray, layout: list[tuple], names: set[str]) -> bool:
+    """Whether a floating-point field of ``names`` decodes, in some point, to a value no point cloud holds:
+    infinite, or non-zero with a magnitude below 1e-30 or above 1e30 (metres, seconds and intensities never
+    are; bytes read at the wrong offset mostly are). NaN is allowed: PCL marks invalid points with it."""
+    step = records.shape[1]
+    for name, dt, c, off in layout:
+        if name in names and dt.kind == "f":
+            view = np.dtype({"names": ["v"], "formats": [(dt, (c,))], "offsets": [off], "itemsize": step})
+            values = np.abs(records.reshape(-1).view(view)["v"])
+            with np.errstate(invalid="ignore"):
+                if (np.isinf(values) | ((values > 0) & (values < 1e-30)) | (values > 1e30)).any():
+                    return True
+    return False
+
+
+def _binary_layout(header: dict, buf, start: int) -> list[tuple]:
+    """The record layout of binary data: the header's, unless it has a COUNT 0 field and the data refute it.
+
+    Two candidates: the header's layout and the aligned one (``_aligned_layout``). When they place every real
+    field alike there is nothing to decide. Otherwise, in one vectorised pass over the records:
+    1. a candidate is refuted when a floating-point field it places differently decodes to implausible values
+       (``_implausible_floats``); if exactly one is refuted, the other is used;
+    2. else the header's layout is used if every byte it calls padding is the same in every point, else the
+       aligned one on that condition;
+    3. else the fields placed differently are untrusted: left out, and listed in ``header["untrusted"]``.
+    Sets ``header["layout"]`` ("header" / "aligned") and ``header["untrusted"]``."""
+    spec = list(_layout(header))
+    header["layout"], header["untrusted"] = "header", []
+    n, step = header["points"], _point_size(header)
+    if 0 not in header["count"] or n < 2:
+        return spec
+    aligned = _aligned_layout(header)
+    spec_at = {name: off for name, _, _, off in spec if not name.startswith("_ ")}
+    moved = {name for name, _, _, off in aligned or () if not name.startswith("_ ") and spec_at[name] != off}
+    if aligned is None or not moved:
+        return spec
+    records = np.frombuffer(buf, dtype=np.uint8, count=n * step, offset=start).reshape(n, step)
+    refuted = [_implausible_floats(records, spec, moved), _implausible_floats(records, aligned, moved)]
+    if refuted == [False, True]:
+        return spec
+    if refuted == [True, False]:
+        header["layout"] = "aligned"
+        return aligned
+    if refuted == [False, False]:
+        varies = (records != records[0]).any(axis=0)  # byte positions that are not the same in every point
+        if not varies[_padding_mask(spec, step)].any():
+            return spec
+        if not varies[_padding_mask(aligned, step)].any():
+            header["layout"] = "aligned"
+            return aligned
+    header["untrusted"] = [name for name in spec_at if name in moved]
+    return [f for f in spec if f[0] not in moved]
+
+
 def _read_binary(buf, start, header, want, path) -> dict[str, np.ndarray]:
     n, step = header["points"], _point_size(header)
     need, have = n * step, max(len(buf) - start, 0)
     if have < need:
         raise _fail(f"truncated: expected {need} bytes of point data, found {have}", path)
-    cols = [(name, dt if c == 1 else (dt, (c,)), off) for name, dt, c, off in _layout(header) if _wanted(name, want)]
+    if n > 1 and have > need and have % n == 0 and (have - need) >= n:
+        raise _fail(f"record size mismatch: the data holds exactly {have // n} bytes for each of the {n} points, "
+                    f"the header's fields (SIZE x COUNT) add up to {step}", path)
+    cols = [(name, dt if c == 1 else (dt, (c,)), off) for name, dt, c, off in _binary_layout(header, buf, start)
+            if _wanted(name, want)]
     if not cols:
         return {}
     rec = np.dtype({"names": [c[0] for c in cols], "formats": [c[1] for c in cols],
@@ -231,21 +334,22 @@ def read_pcd(path) -> PcdCloud:
 def read_points_xyzir(path) -> np.ndarray:
     """Read the points of a PCD file as an (N, 5) float32 array: x, y, z, intensity, ring.
 
-    x/y/z must be present; intensity and ring are 0 when the file lacks them. Other fields
-    (timestamps, padding) are not decoded.
+    x/y/z must be present; intensity and ring are 0 when the file lacks them. Ring is also 0 when the data
+    leave its position in the record uncertain (``header["untrusted"]``, see the module docstring). For x, y,
+    z or intensity that is a ``PointCloudError`` instead. Other fields (timestamps, padding) are not decoded.
     """
     header, cols = _read(path, want=set(_XYZIR))
+    uncertain = [k for k in ("x", "y", "z", "intensity") if k in header.get("untrusted", ())]
+    if uncertain:
+        raise _fail(f"cannot tell where {'/'.join(uncertain)} sit in each record: the header "
+                    f"(FIELDS {' '.join(header['fields'])}, COUNT {' '.join(map(str, header['count']))}) has "
+                    "a COUNT 0 padding field and bytes it calls padding differ between points", path)
     missing = [k for k in ("x", "y", "z") if k not in cols]
     if missing:
         raise _fail(f"point cloud has no {'/'.join(missing)} field (FIELDS {' '.join(header['fields'])})", path)
     out = np.zeros((header["points"], 5), dtype=np.float32)
-    # Some PCL writers emit a padding field with COUNT 0 where the real struct has alignment padding; every
-    # field declared after it sits at a different offset than the header says (the real SUSTechPOINTS files:
-    # ring decodes as a constant ~58790). Such fields are not trusted: they read as 0, like an absent field.
-    zero = [i for i, c in enumerate(header["count"]) if c == 0]
-    untrusted = set(header["fields"][zero[0] + 1:]) if zero else set()
     for i, name in enumerate(_XYZIR):
-        if name in cols and name not in untrusted:
+        if name in cols:
             col = cols[name]
             out[:, i] = col if col.ndim == 1 else col[:, 0]
     return out

@@ -153,7 +153,8 @@ PADDED = np.dtype({"names": ["x", "y", "z", "intensity", "timestamp", "ring"],
 
 def padded_cloud(n: int) -> np.ndarray:
     rng = np.random.default_rng(3)
-    rec = np.frombuffer(bytes([0xAB]) * (48 * n), dtype=PADDED).copy()  # padding bytes hold garbage
+    rec = np.frombuffer(bytearray([0xAB]) * (48 * n), dtype=PADDED)  # padding bytes hold 0xAB (no copy(): it
+    # would leave them uninitialised)
     rec["x"], rec["y"], rec["z"] = (rng.uniform(-50, 50, (3, n)).astype(np.float32))
     rec["intensity"] = rng.integers(0, 256, n)
     rec["timestamp"] = 1818.8 + np.arange(n) * 1e-6
@@ -188,16 +189,141 @@ def test_padding_fields_and_count_zero_field_are_skipped(tmp_path, encoding):
     assert list(cloud.fields) == ["x", "y", "z", "intensity", "timestamp", "ring"]
     for name in PADDED.names:
         assert np.array_equal(cloud.fields[name], rec[name]), name
+    assert cloud.header["layout"] == "header" and cloud.header["untrusted"] == []
     xyzir = read_points_xyzir(path)
-    assert np.array_equal(xyzir[:, 3], rec["intensity"])
-    # Fields declared after a COUNT 0 field sit elsewhere in real files written that way: ring is not trusted.
-    assert not xyzir[:, 4].any()
+    expected = np.stack([rec[k].astype(np.float32) for k in ["x", "y", "z", "intensity", "ring"]], axis=1)
+    # a file laid out as its header says reads as the header says, ring included
+    assert np.array_equal(xyzir, expected) and xyzir[:, 4].any()
 
 
-def test_real_sustech_ring_is_not_misread_from_the_broken_header():
+def test_real_sustech_ring_and_timestamp_are_read_where_the_bytes_hold_them():
     assert REAL_PCDS
     for path in REAL_PCDS:
-        assert not read_points_xyzir(path)[:, 4].any(), path
+        raw = path.read_bytes()
+        start = raw.index(b"DATA binary\n") + len(b"DATA binary\n")
+        n = read_pcd(path).num_points
+        assert (len(raw) - start) // n == 48  # the records are as long as the header says ...
+        # ... but timestamp and ring sit at bytes 24 and 32 (C alignment), not at 20 and 34 (the header's padding)
+        independent = np.frombuffer(raw, dtype=np.dtype({"names": ["t", "ring"], "formats": ["<f8", "<u2"],
+                                                         "offsets": [24, 32], "itemsize": 48}), count=n, offset=start)
+        cloud = read_pcd(path)
+        assert cloud.header["layout"] == "aligned"
+        assert np.array_equal(cloud.fields["timestamp"], independent["t"])
+        assert np.array_equal(cloud.fields["ring"], independent["ring"])
+        # one 10 Hz sweep: times within 0.11 s; a 40-beam lidar: rings 0..39, every one present
+        assert 0 < np.ptp(cloud.fields["timestamp"]) < 0.11
+        ring = read_points_xyzir(path)[:, 4]
+        assert np.array_equal(np.unique(ring), np.arange(40)) and np.array_equal(ring, independent["ring"])
+
+
+def sustech_header(n: int, data: str = "binary", fields: str = "x y z _ intensity _ timestamp _ ring _") -> bytes:
+    return SUSTECH_LIKE_HEADER.format(n=n, data=data).replace("x y z _ intensity _ timestamp _ ring _",
+                                                              fields).encode()
+
+
+def aligned_cloud(n: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Records laid out like the real SUSTechPOINTS files (timestamp at 24, ring at 32, constant padding)."""
+    rng = np.random.default_rng(seed)
+    layout = np.dtype({"names": ["x", "y", "z", "intensity", "timestamp", "ring"],
+                       "formats": ["<f4", "<f4", "<f4", "<f4", "<f8", "<u2"],
+                       "offsets": [0, 4, 8, 16, 24, 32], "itemsize": 48})
+    rec = np.frombuffer(bytes([0x5A]) * (48 * n), dtype=layout).copy()
+    rec["x"], rec["y"], rec["z"] = rng.uniform(-50, 50, (3, n)).astype(np.float32)
+    rec["intensity"] = rng.integers(0, 256, n)
+    rec["timestamp"] = 1818.8 + rng.uniform(0, 0.1, n)
+    rec["ring"] = rng.integers(0, 40, n)
+    return rec, layout
+
+
+def test_a_header_whose_padding_contradicts_the_records_is_read_at_c_alignment(tmp_path):
+    rec, _ = aligned_cloud(300)
+    path = tmp_path / "aligned.pcd"
+    path.write_bytes(sustech_header(300) + rec.tobytes())
+    cloud = read_pcd(path)
+    assert cloud.header["layout"] == "aligned"
+    for name in rec.dtype.names:
+        assert np.array_equal(cloud.fields[name], rec[name]), name
+    assert np.array_equal(read_points_xyzir(path)[:, 4], rec["ring"])
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_count_zero_field_takes_no_bytes_and_hides_nothing_after_it(tmp_path, encoding):
+    n = 64
+    fields = random_fields(n, seed=6)
+    x, y, z, intensity = (fields[k].astype(np.float32) for k in ("x", "y", "z", "intensity"))
+    cases = {  # header fields / sizes / types / counts, and the values of one point in that order (COUNT 0: none)
+        "leading": ("_ x y z", "1 4 4 4", "U F F F", "0 1 1 1", [x, y, z]),
+        "before_intensity": ("x y z _ intensity", "4 4 4 4 4", "F F F U F", "1 1 1 0 1", [x, y, z, intensity]),
+    }
+    for name, (names, sizes, types, counts, values) in cases.items():
+        head = (f"VERSION 0.7\nFIELDS {names}\nSIZE {sizes}\nTYPE {types}\nCOUNT {counts}\nWIDTH {n}\nHEIGHT 1\n"
+                f"POINTS {n}\n")
+        path = tmp_path / f"{name}_{encoding}.pcd"
+        if encoding == "ascii":
+            path.write_bytes(head.encode() + b"DATA ascii\n")
+            write_pcd(tmp_path / "tmp.pcd", {f"v{i}": v for i, v in enumerate(values)}, data="ascii")
+            body = (tmp_path / "tmp.pcd").read_bytes().split(b"DATA ascii\n", 1)[1]
+            path.write_bytes(head.encode() + b"DATA ascii\n" + body)
+        else:
+            write_pcd(tmp_path / "tmp.pcd", {f"v{i}": v for i, v in enumerate(values)}, data=encoding)
+            body = (tmp_path / "tmp.pcd").read_bytes().split(f"DATA {encoding}\n".encode(), 1)[1]
+            path.write_bytes(head.encode() + f"DATA {encoding}\n".encode() + body)
+        cloud = read_pcd(path)
+        xyzir = read_points_xyzir(path)
+        for i, key in enumerate(["x", "y", "z", "intensity"][:len(values)]):
+            assert np.array_equal(cloud.fields[key], values[i]), (name, key)
+            assert np.array_equal(xyzir[:, i], values[i]), (name, key)
+        assert xyzir[:, 0].any() and xyzir[:, 2].any()
+
+
+def test_a_header_layout_with_garbage_padding_is_kept_when_the_aligned_one_misreads_floats(tmp_path):
+    n = 300
+    rec = padded_cloud(n)  # laid out as the header says
+    raw = np.frombuffer(rec.tobytes(), np.uint8).reshape(n, 48).copy()
+    padding = np.r_[12:16, 28:34, 36:48]
+    raw[:, padding] = np.random.default_rng(8).integers(0, 256, (n, len(padding)), dtype=np.uint8)
+    path = tmp_path / "garbage_padding.pcd"
+    path.write_bytes(sustech_header(n) + raw.tobytes())
+    cloud = read_pcd(path)
+    assert cloud.header["layout"] == "header" and cloud.header["untrusted"] == []
+    assert np.array_equal(cloud.fields["timestamp"], rec["timestamp"])
+    assert np.array_equal(read_points_xyzir(path)[:, 4], rec["ring"])
+
+
+def test_when_the_data_cannot_tell_the_layouts_apart_ring_reads_0_and_intensity_is_an_error(tmp_path):
+    n = 200
+    noise = np.random.default_rng(7).integers(0, 256, (n, 48), dtype=np.uint8)  # every byte varies
+    # ring at 20 (aligned) or 22 (the header's padding): integers only, and both paddings vary
+    layout = np.dtype({"names": ["x", "y", "z", "intensity", "ring"], "formats": ["<f4"] * 4 + ["<u2"],
+                       "offsets": [0, 4, 8, 16, 20], "itemsize": 34})
+    rec = np.zeros(n, layout)
+    rec["x"], rec["y"], rec["z"] = np.random.default_rng(9).uniform(-50, 50, (3, n))
+    rec["intensity"], rec["ring"] = np.arange(n) % 256, np.arange(n) % 40
+    raw = np.frombuffer(rec.tobytes(), np.uint8).reshape(n, 34).copy()
+    raw[:, np.r_[12:16, 22:34]] = noise[:, np.r_[12:16, 22:34]]
+    head = ("VERSION 0.7\nFIELDS x y z _ intensity _ _ ring _\nSIZE 4 4 4 1 4 1 1 2 1\nTYPE F F F U F U U U U\n"
+            f"COUNT 1 1 1 4 1 0 2 1 10\nWIDTH {n}\nHEIGHT 1\nPOINTS {n}\nDATA binary\n")
+    path = tmp_path / "ambiguous.pcd"
+    path.write_bytes(head.encode() + raw.tobytes())
+    cloud = read_pcd(path)
+    assert cloud.header["untrusted"] == ["ring"] and "ring" not in cloud.fields
+    xyzir = read_points_xyzir(path)
+    assert np.array_equal(xyzir[:, 3], rec["intensity"]) and not xyzir[:, 4].any()
+
+    # the same doubt about intensity (a 4-byte padding after a COUNT 0 one, before intensity) is an error
+    head = ("VERSION 0.7\nFIELDS x y z _ _ intensity\nSIZE 4 4 4 1 1 4\nTYPE F F F U U F\nCOUNT 1 1 1 0 4 1\n"
+            f"WIDTH {n}\nHEIGHT 1\nPOINTS {n}\nDATA binary\n")
+    path = tmp_path / "ambiguous_intensity.pcd"
+    path.write_bytes(head.encode() + noise[:, :20].tobytes())
+    assert_error(path, "cannot tell where intensity sit", "COUNT 1 1 1 0 4 1")
+
+
+def test_data_with_more_bytes_per_point_than_the_header_declares_is_an_error(tmp_path):
+    n = 100
+    path = tmp_path / "wide.pcd"
+    head = f"VERSION 0.7\nFIELDS x y z _\nSIZE 4 4 4 1\nTYPE F F F U\nCOUNT 1 1 1 0\nPOINTS {n}\nDATA binary\n"
+    path.write_bytes(head.encode() + b"\1" * (13 * n))  # a writer that gave the COUNT 0 field its SIZE
+    assert_error(path, "record size mismatch", "exactly 13 bytes for each of the 100 points", "add up to 12")
 
 
 def test_pypcd4_rejects_the_count_zero_header_that_we_read(tmp_path):
