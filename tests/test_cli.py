@@ -88,6 +88,59 @@ def test_run_the_kitti_example_on_the_configured_broker_then_status_list_and_can
     assert cli("status", "0c0ffee0-0000-4000-8000-000000000000", env=pipeline_env.env).returncode == 1
 
 
+@pytest.fixture
+def held_export(pipeline_env, celery_worker):
+    """An export that is running (``processing``) and stays so: once it converts, the worker stops taking tasks
+    from the export queues, so most of its 40 one-frame batches wait in Redis. Consuming resumes at the end."""
+    from pipeline import service
+    from pipeline.celery_app import app
+    from pipeline.settings import QUEUES
+    from stages.request import ExportRequest
+    from stages.synth import generate_project
+
+    generate_project(pipeline_env.data_root, "cancel-40", 40, cameras=1, seed=5)
+    export_id = service.start_export("cancel-40", ExportRequest(), batch_size=1)["task_id"]
+    wait_until(lambda: service.export_status(export_id)["current_step"].startswith("Processing"), 60, 0.02,
+               what="the export to convert")
+    for queue in QUEUES:
+        assert app.control.cancel_consumer(queue, destination=[celery_worker.hostname], reply=True)
+
+    def resume():
+        for queue in QUEUES:
+            app.control.add_consumer(queue, destination=[celery_worker.hostname], reply=True)
+
+    try:
+        yield export_id, resume
+    finally:
+        resume()
+
+
+def test_cancel_ends_a_running_export_cancelled_and_exits_0(pipeline_env, celery_worker, held_export):
+    from pipeline import service
+
+    export_id, resume = held_export
+    assert service.export_status(export_id)["status"] == "processing"
+    done = cli("cancel", export_id, env=pipeline_env.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "cancelled"
+
+    resume()  # the waiting batches reach the worker now: they are dropped, and nothing is written any more
+
+    def dropped_by_worker() -> bool:
+        lines = [json.loads(t) for t in celery_worker.log_path.read_text(errors="replace").splitlines()
+                 if t.startswith("{")]
+        return any(line.get("export_id") == export_id and "convert" in line["event"]
+                   and ("revoked" in line["event"] or "ignored" in line["event"]) for line in lines)
+
+    wait_until(dropped_by_worker, 30, 0.2, what="the worker to drop the cancelled export's waiting batches")
+    leftovers = lambda: list(pipeline_env.export_root.rglob(f"*{export_id}*"))
+    wait_until(lambda: not leftovers(), 30, 0.2, what="the cancelled export's staging to be removed")
+    status = json.loads(cli("status", export_id, env=pipeline_env.env).stdout)
+    assert status["status"] == "cancelled" and status["progress"] < 100 and not leftovers()
+    again = cli("cancel", export_id, env=pipeline_env.env)
+    assert again.returncode == 1 and "only pending or processing exports can be cancelled" in again.stderr
+
+
 def test_a_failed_run_exits_non_zero_naming_the_frame_and_the_file(pipeline_env, celery_worker, demo_data_root,
                                                                    tmp_path):
     data = tmp_path / "data"
