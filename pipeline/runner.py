@@ -210,7 +210,7 @@ def run_config(config_path: Path, *, data_root: Path | None = None, export_root:
     from pipeline.settings import get_settings
 
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, data_root=data_root)
     except ConfigError as err:
         print(f"invalid config:\n{err}", file=sys.stderr)
         return 2
