@@ -141,10 +141,10 @@ def discover(project_dir: str | Path, request: ExportRequest, staging_dir: str |
         frames = [f for f, k in zip(frames, key_frames) if k]
         key_frames = [True] * len(frames)
 
-    if request.coordinate_system == CoordinateSystem.ego_vehicle:
-        ego_poses, warnings = [Pose.identity() for _ in frames], []
-    else:
+    if fmt.reads_ego_poses(request):
         ego_poses, warnings = resolve_ego_poses(frames, [source.read_ego_pose(f) for f in frames])
+    else:
+        ego_poses, warnings = [Pose.identity() for _ in frames], []
     warnings = [{"frame": None, "file": None, "warning": w} for w in source.setting_warnings()] + warnings
 
     staging = Path(staging_dir)

@@ -205,6 +205,21 @@ def test_without_sweeps_a_key_frame_interval_keeps_only_key_frames(synth_project
     assert not (tmp_path / "ds" / "sweeps").exists() or not list((tmp_path / "ds" / "sweeps").rglob("*.*"))
 
 
+def test_nuscenes_refuses_to_leave_out_ego_poses_and_says_why(synth_project, tmp_path):
+    """include_ego_pose false is a 422 (check_request) for nuScenes: ego_pose is a mandatory table."""
+    from stages.errors import RequestError
+    from stages.formats.nuscenes import NuScenesFormat
+
+    request = ExportRequest.model_validate({"export_options": {"include_ego_pose": False}})
+    with pytest.raises(RequestError, match="nuScenes cannot leave out ego poses") as err:
+        NuScenesFormat.check_request(request)
+    assert err.value.field == "export_options.include_ego_pose"
+    with pytest.raises(RequestError, match="every sample_data links to an ego_pose row"):
+        export(synth_project, tmp_path / "ds", export_options={"include_ego_pose": False})
+    assert not (tmp_path / "ds").exists()
+    NuScenesFormat.check_request(ExportRequest())  # the default (true) is accepted
+
+
 @pytest.mark.parametrize("archive", ["zip", "tar.gz", "tar.zst", "none"])
 def test_each_archive_format_holds_the_dataset_and_its_manifest(small_project, tmp_path, archive):
     dest = tmp_path / ("export" + {"zip": ".zip", "tar.gz": ".tar.gz", "tar.zst": ".tar.zst", "none": ""}[archive])

@@ -434,12 +434,37 @@ def test_counts_say_what_happened_to_every_label(projects, exports):
 
 # -- options ---------------------------------------------------------------------------------------------------
 
-def test_without_images_and_pointclouds_only_labels_and_calib_are_written(projects, tmp_path):
+def test_without_images_pointclouds_and_poses_only_labels_and_calib_are_written(projects, tmp_path):
     run = run_serial(projects["default"], tmp_path / "out",
-                     kitti_request(include_images=False, include_pointcloud=False, max_frames=3))
+                     kitti_request(include_images=False, include_pointcloud=False, include_ego_pose=False,
+                                   max_frames=3))
     training = tmp_path / "out" / "training"
     assert sorted(p.name for p in training.iterdir()) == ["calib", "frame_ids.txt", "label_2"]
-    assert run.merged.counts["images"] == run.merged.counts["pointclouds"] == 0
+    assert run.merged.counts["images"] == run.merged.counts["pointclouds"] == run.merged.counts["poses"] == 0
+    assert imagesets(tmp_path / "out")["train"] == ["000000", "000001", "000002"]  # lidar-only: all listed
+
+
+@pytest.mark.parametrize("coordinate_system", ["lidar", "ego_vehicle"])
+def test_include_ego_pose_writes_each_frames_velodyne_to_global_pose(coordinate_system, projects, tmp_path):
+    """pose/<idx>.txt maps velodyne points to the project's world frame: a box centre taken there from the
+    velodyne file's frame lands where the source's ego pose and lidar calibration put it."""
+    project = projects["rotated"]
+    run = run_serial(project, tmp_path / "out", kitti_request(coordinate_system, max_frames=4,
+                                                              include_images=False, include_pointcloud=False))
+    assert run.merged.counts["poses"] == run.merged.counts["frames"] == 4
+    ego_from_lidar = sensor_to_ego(project, "lidar-fusion")
+    for idx, stem in enumerate(stems(project)[:4]):
+        pose = np.loadtxt(tmp_path / "out" / "training" / "pose" / f"{idx:06d}.txt").reshape(3, 4)
+        src = json.loads((project / "ego_pose" / f"{stem}.json").read_text())["transform"]
+        t, q = src["translation"], src["rotation"]
+        global_from_ego = homogeneous(Quaternion(q["w"], q["x"], q["y"], q["z"]).rotation_matrix)
+        global_from_ego[:3, 3] = [t["x"], t["y"], t["z"]]
+        calib = read_calib(tmp_path / "out" / "training" / "calib" / f"{idx:06d}.txt")
+        for obj, box in zip(read_labels(tmp_path / "out" / "training" / "label_2" / f"{idx:06d}.txt"),
+                            kept(source_boxes(project, stem))):
+            centre_velo, _ = kitti_box_in_velo(obj, calib)
+            expected = (global_from_ego @ ego_from_lidar @ np.append(box["center"], 1))[:3]
+            np.testing.assert_allclose(pose[:, :3] @ centre_velo + pose[:, 3], expected, atol=CENTRE_TOL_M)
 
 
 def test_mapping_options_split_drop_png_and_reference_camera(projects, tmp_path):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from stages.model import LoadedFrame
+from stages.request import CoordinateSystem
 
 if TYPE_CHECKING:
     from stages.plan import ExportPlan
@@ -35,6 +36,12 @@ class OutputFormat(ABC):
     def check_request(cls, request: "ExportRequest") -> None:
         """Raise ``ValueError`` with a user-facing reason when the request makes no sense for this format
         (e.g. a coordinate_system the format cannot express). Called by discover and by the API (→ 422)."""
+
+    @classmethod
+    def reads_ego_poses(cls, request: "ExportRequest") -> bool:
+        """Whether discover reads the project's ego poses for this request (else every plan pose is the identity).
+        By default: unless ``coordinate_system`` is ``ego_vehicle``, which puts the global frame on the ego."""
+        return request.coordinate_system != CoordinateSystem.ego_vehicle
 
     @classmethod
     def check_mapping(cls, mapping: dict[str, Any], layout: str | None = None) -> None:

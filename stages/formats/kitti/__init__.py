@@ -10,6 +10,9 @@ does not depend on how frames were batched)::
                                   PNG, or with ``image_format: png`` in the mapping: re-encoded, slower); a frame
                                   without one gets the nearest frame's (``missing_image_policy: nearest``) or
                                   none and is left out of ImageSets (``skip``)
+    training/pose/<idx>.txt       with ``include_ego_pose`` (default): velodyne→global as one line of 12 numbers, the
+                                  3x4 row-major matrix (the form of a KITTI odometry poses.txt line); global = the
+                                  project's world frame (the source's ego poses, missing ones interpolated)
     training/frame_ids.txt        "<idx> <frame_id> <timestamp_us>" per frame: the way back to the source
     ImageSets/{train,val,trainval,test}.txt   indices (of frames with image_2 when images are exported); all in
                                               train/trainval unless the mapping's split says so
@@ -94,6 +97,12 @@ class KittiFormat(OutputFormat):
         KittiMapping.from_dict(mapping)
 
     @classmethod
+    def reads_ego_poses(cls, request: "ExportRequest") -> bool:
+        # the velodyne frame never depends on them (coordinate_system only picks lidar or base_link): poses are
+        # read for the pose files alone
+        return request.export_options.include_ego_pose
+
+    @classmethod
     def check_request(cls, request: "ExportRequest") -> None:
         if request.coordinate_system == CoordinateSystem.global_:
             raise RequestError("coordinate_system", "KITTI has no global frame: every frame is stored in its own velodyne (sensor) frame; "
@@ -124,6 +133,7 @@ class KittiFormat(OutputFormat):
         cam_from_velo = cam_from_lidar @ np.linalg.inv(self.velo_from_lidar)
         velo_from_ego = self.velo_from_lidar @ np.linalg.inv(lidar_to_ego)
         self.calib_text = _calib_text(self.camera.K, cam_from_velo, velo_from_ego)
+        self.ego_from_velo = np.linalg.inv(velo_from_ego)
         self.setup_warnings = _setup_warnings(self.camera_channel, calib, cam_from_velo, lidar_to_ego,
                                               ego_velo, plan.layout)
         precision = plan.request.export_options.coordinate_precision
@@ -151,6 +161,9 @@ class KittiFormat(OutputFormat):
         lines, objects = self._label_lines(frame, index)
         _write_atomic(training / "label_2" / f"{stem}.txt", "".join(f"{line}\n" for line in lines).encode())
         _write_atomic(training / "calib" / f"{stem}.txt", self.calib_text.encode())
+        if opts.include_ego_pose:
+            global_from_velo = frame.ego_pose.matrix() @ self.ego_from_velo
+            _write_atomic(training / "pose" / f"{stem}.txt", f"{_matrix_text(global_from_velo[:3])}\n".encode())
         wrote_points = opts.include_pointcloud and frame.points is not None
         if wrote_points:
             _write_atomic(training / "velodyne" / f"{stem}.bin", self._velodyne_bytes(frame.points))
@@ -172,7 +185,8 @@ class KittiFormat(OutputFormat):
                 self._write_image(Path(src), training / "image_2", stem, image_frame)
                 wrote_image = True
         row = {"index": index, "frame_id": frame.ref.frame_id, "timestamp_us": frame.ref.timestamp_us,
-               "objects": len(lines), "image": wrote_image, "image_filled": filled, "pointcloud": wrote_points}
+               "objects": len(lines), "image": wrote_image, "image_filled": filled, "pointcloud": wrote_points,
+               "pose": opts.include_ego_pose}
         out: dict[str, list[dict[str, Any]]] = {FRAMES_TABLE: [row]}
         if objects:
             out[OBJECTS_TABLE] = objects
@@ -293,6 +307,7 @@ class KittiFormat(OutputFormat):
             counts["filled_images"] = sum(bool(r.get("image_filled")) for r in frames)
             counts["not_in_imagesets"] = len(frames) - len(listed)
         counts["pointclouds"] = sum(bool(r["pointcloud"]) for r in frames)
+        counts["poses"] = sum(bool(r["pose"]) for r in frames)
         for split in SPLITS:
             counts[f"split.{split}"] = len(splits[split])
         objects = tables[OBJECTS_TABLE].to_pylist() if OBJECTS_TABLE in tables else []
@@ -314,14 +329,15 @@ def _calib_text(K: np.ndarray, cam_from_velo: np.ndarray, velo_from_ego: np.ndar
     """The calib file, in KITTI's line order (tools read P2, R0_rect, Tr_velo_to_cam by position)."""
     p = np.zeros((3, 4))
     p[:, :3] = K
-
-    def fmt(m: np.ndarray) -> str:
-        return " ".join(f"{v:.12e}" for v in np.asarray(m, dtype=np.float64).ravel())
-
-    lines = [f"P{i}: {fmt(p)}" for i in range(4)]
-    lines += [f"R0_rect: {fmt(np.eye(3))}", f"Tr_velo_to_cam: {fmt(cam_from_velo[:3])}",
-              f"Tr_imu_to_velo: {fmt(velo_from_ego[:3])}"]
+    lines = [f"P{i}: {_matrix_text(p)}" for i in range(4)]
+    lines += [f"R0_rect: {_matrix_text(np.eye(3))}", f"Tr_velo_to_cam: {_matrix_text(cam_from_velo[:3])}",
+              f"Tr_imu_to_velo: {_matrix_text(velo_from_ego[:3])}"]
     return "\n".join(lines) + "\n"
+
+
+def _matrix_text(m: np.ndarray) -> str:
+    """A matrix row-major with 12 significant digits (calibration and pose files)."""
+    return " ".join(f"{v:.12e}" for v in np.asarray(m, dtype=np.float64).ravel())
 
 
 def _axes_deviation_deg(cam_from_frame: np.ndarray) -> float:

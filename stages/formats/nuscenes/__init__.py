@@ -59,6 +59,11 @@ class NuScenesFormat(OutputFormat):
         if request.coordinate_system == CoordinateSystem.lidar:
             raise RequestError("coordinate_system", "nuScenes stores boxes in the global frame and sensor data in the sensor frame; "
                              "coordinate_system 'lidar' has no meaning here, use 'global' or 'ego_vehicle'")
+        if not request.export_options.include_ego_pose:
+            raise RequestError("export_options.include_ego_pose", "nuScenes cannot leave out ego poses: every "
+                               "sample_data links to an ego_pose row, which the devkit and mmdetection3d use to place "
+                               "boxes and sensors; keep include_ego_pose true (with coordinate_system ego_vehicle "
+                               "every ego pose is the identity, for a project without localisation)")
 
     @property
     def converter(self) -> FrameConverter:
