@@ -118,6 +118,15 @@ def test_confidence_threshold_drops_low_scores_and_keeps_labels_without_one(smal
     assert run.merged.filtered == {"confidence_threshold": low}
     total = sum(len(v) for v in label_files(small_project).values())
     assert run.merged.annotations == total - low
+    # the output holds exactly the scored-high and unscored labels of that frame (lidar = ego, so the devkit's
+    # lidar-frame boxes are the label centres)
+    nusc = NuScenes(VERSION, str(tmp_path / "ds"), verbose=False)
+    first = min(nusc.sample, key=lambda s: s["timestamp"])
+    _, boxes, _ = nusc.get_sample_data(first["data"]["LIDAR_TOP"])
+    exported = sorted(tuple(np.round(b.center, 3)) for b in boxes)
+    expected = sorted(tuple(np.round([o["psr"]["position"][k] for k in "xyz"], 3))
+                      for i, o in enumerate(objs) if i % 2 == 1)
+    assert exported == expected and 0 < len(expected) < len(objs)
 
 
 def test_bbox_size_filter_bounds_length_width_and_height(synth_project, tmp_path):
@@ -134,6 +143,26 @@ def test_bbox_size_filter_bounds_length_width_and_height(synth_project, tmp_path
     assert run.merged.filtered == {"bbox_size_filter": len(labels) - len(keep)}
 
 
+def test_bbox_size_filter_bounds_width_from_both_sides_and_height_from_below(synth_project, tmp_path):
+    bounds = {"min_width": 1.0, "max_width": 2.2, "min_height": 1.7}
+    run = export(synth_project, tmp_path / "ds", annotation_filter={"bbox_size_filter": bounds})
+    nusc = NuScenes(VERSION, str(tmp_path / "ds"), verbose=False)
+    labels = [o for objs in label_files(synth_project).values() for o in objs]
+    passes = {"min_width": lambda s: s["y"] >= 1.0, "max_width": lambda s: s["y"] <= 2.2,
+              "min_height": lambda s: s["z"] >= 1.7}
+    keep = [o for o in labels if all(ok(o["psr"]["scale"]) for ok in passes.values())]
+    for name, ok in passes.items():  # each bound alone removes labels the other two keep
+        others = [o for o in labels if all(f(o["psr"]["scale"]) for n, f in passes.items() if n != name)]
+        assert len(others) > len(keep), name
+    assert 0 < len(keep) < len(labels) and {o["obj_type"] for o in keep} == {"van", "pickup"}
+    for a in nusc.sample_annotation:
+        w, _, h = a["size"]
+        assert 1.0 <= w <= 2.2 and h >= 1.7
+    assert {a["category_name"] for a in nusc.sample_annotation} == {"vehicle.car", "vehicle.truck"}  # van, pickup
+    assert len(nusc.sample_annotation) == run.merged.annotations == len(keep)
+    assert run.merged.filtered == {"bbox_size_filter": len(labels) - len(keep)}
+
+
 def test_frame_selection_start_end_step_and_max(synth_project, tmp_path):
     frames = list(label_files(synth_project))
     run = export(synth_project, tmp_path / "ds", start_frame=frames[3], end_frame=frames[15], frame_step=3,
@@ -142,6 +171,12 @@ def test_frame_selection_start_end_step_and_max(synth_project, tmp_path):
     expected = [int(f) // 1000 for f in frames[3:16:3][:4]]
     assert sorted(s["timestamp"] for s in nusc.sample) == expected
     assert run.discovered.n_frames == 4
+    # end_frame alone bounds the selection (no max_frames): by id, and by index
+    for end in (frames[8], 8):
+        run = export(synth_project, tmp_path / f"end-{end}", start_frame=frames[3], end_frame=end, frame_step=2)
+        nusc = NuScenes(VERSION, str(tmp_path / f"end-{end}"), verbose=False)
+        assert sorted(s["timestamp"] for s in nusc.sample) == [int(f) // 1000 for f in frames[3:9:2]]
+        assert run.discovered.n_frames == run.merged.frames == 3
 
 
 def test_frame_selection_by_index_and_its_nested_spelling(synth_project, tmp_path):
@@ -155,6 +190,7 @@ def test_frame_selection_by_index_and_its_nested_spelling(synth_project, tmp_pat
 def test_a_frame_selection_outside_the_project_is_an_error(synth_project, tmp_path):
     with pytest.raises(InputError, match="start_frame"):
         export(synth_project, tmp_path / "ds", start_frame="123")
+
 
 
 def test_ego_vehicle_coordinates_put_every_sample_in_its_own_ego_frame(synth_project, unfiltered, tmp_path):
@@ -186,15 +222,30 @@ def test_global_coordinates_follow_the_ego_poses(synth_project, unfiltered):
                            quat_to_matrix(quat_from_xyzw(r["x"], r["y"], r["z"], r["w"])))
 
 
-def test_without_images_or_pointclouds_nothing_of_them_is_written(synth_project, tmp_path):
-    export(synth_project, tmp_path / "a", export_options={"include_images": False})
+def test_without_images_or_pointclouds_nothing_of_them_is_written(synth_project, unfiltered, tmp_path):
+    full_run, _ = unfiltered
+    cameras = {k: v for k, v in full_run.merged.counts.items() if k.startswith("sample_data.CAM_")}
+    assert len(cameras) == 6 and full_run.merged.counts["sample_data.LIDAR_TOP"] == 20
+    run = export(synth_project, tmp_path / "a", export_options={"include_images": False})
     nusc = NuScenes(VERSION, str(tmp_path / "a"), verbose=False)
     assert {sd["channel"] for sd in nusc.sample_data} == {"LIDAR_TOP"}
     assert not list((tmp_path / "a" / "samples").glob("CAM_*"))
-    export(synth_project, tmp_path / "b", export_options={"include_pointcloud": False})
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    for counts in (run.merged.counts, manifest["counts"]):
+        assert not [k for k in counts if k.startswith("sample_data.CAM_")] and "missing_images" not in counts
+        assert counts["sample_data"] == counts["sample_data.LIDAR_TOP"] == 20
+    assert run.merged.annotations == full_run.merged.annotations  # labels do not depend on the media
+
+    run = export(synth_project, tmp_path / "b", export_options={"include_pointcloud": False})
     assert not list((tmp_path / "b").rglob("*.pcd.bin"))
     tables = json.loads((tmp_path / "b" / VERSION / "sample_data.json").read_text())
     assert tables and all(sd["fileformat"] == "jpg" for sd in tables)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    for counts in (run.merged.counts, manifest["counts"]):
+        assert "sample_data.LIDAR_TOP" not in counts
+        assert {k: v for k, v in counts.items() if k.startswith("sample_data.CAM_")} == cameras
+        assert counts["sample_data"] == sum(cameras.values())
+    assert run.merged.annotations == full_run.merged.annotations
 
 
 def test_without_sweeps_a_key_frame_interval_keeps_only_key_frames(synth_project, tmp_path):
