@@ -34,17 +34,20 @@ class DiscoverResult:
 
 
 def _select(frames: list[FrameRef], req: ExportRequest) -> list[FrameRef]:
-    """Frame selection: start/end (inclusive; a frame id, or else an index), then step, then max_frames."""
+    """Frame selection: start/end (inclusive; a frame id, or else an index, negative ones counting from the end as
+    in Python: -1 is the last frame), then step, then max_frames. An index outside [-n, n) is an ``InputError``
+    naming the field (never wrapped around)."""
     ids = [f.frame_id for f in frames]
+    n = len(frames)
 
     def position(value: str | int, name: str) -> int:
         text = str(value)
         if text in ids:
             return ids.index(text)
-        if text.lstrip("-").isdigit() and int(text) < len(frames):
-            return int(text) % max(len(frames), 1)
+        if text.lstrip("-").isdigit() and -n <= int(text) < n:
+            return int(text) % n
         raise InputError(f"{name} {value!r} is neither a frame id of this project nor a frame index "
-                         f"below {len(frames)}")
+                         f"from {-n} to {n - 1}")
 
     start = position(req.start_frame, "start_frame") if req.start_frame is not None else 0
     end = position(req.end_frame, "end_frame") if req.end_frame is not None else len(frames) - 1

@@ -192,6 +192,18 @@ def test_a_frame_selection_outside_the_project_is_an_error(synth_project, tmp_pa
         export(synth_project, tmp_path / "ds", start_frame="123")
 
 
+def test_a_negative_index_counts_from_the_end_and_one_before_the_first_frame_is_an_error(synth_project, tmp_path):
+    frames = list(label_files(synth_project))
+    run = export(synth_project, tmp_path / "ds", start_frame=-3, end_frame=-2)
+    nusc = NuScenes(VERSION, str(tmp_path / "ds"), verbose=False)
+    assert sorted(s["timestamp"] for s in nusc.sample) == [int(f) // 1000 for f in frames[-3:-1]]
+    assert run.discovered.n_frames == 2
+    for field in ("start_frame", "end_frame"):
+        with pytest.raises(InputError, match=f"{field} -{len(frames) + 1} is neither"):
+            export(synth_project, tmp_path / field, **{field: -len(frames) - 1})
+        with pytest.raises(InputError, match=f"{field} '-100' is neither.*from -20 to 19"):
+            export(synth_project, tmp_path / field, **{field: "-100"})
+
 
 def test_ego_vehicle_coordinates_put_every_sample_in_its_own_ego_frame(synth_project, unfiltered, tmp_path):
     export(synth_project, tmp_path / "ds", coordinate_system="ego_vehicle")
