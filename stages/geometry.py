@@ -129,30 +129,43 @@ def box_to_parent(pose: Pose, center: np.ndarray, rotation: np.ndarray) -> tuple
 
 def points_in_boxes(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarray,
                     rotations: np.ndarray) -> np.ndarray:
-    """Number of points inside each box, vectorised over points.
+    """Number of points inside each box.
 
     ``points`` (N, >=3), ``centers`` (B, 3), ``sizes_lwh`` (B, 3) as (length, width, height), ``rotations`` (B, 4)
     [w,x,y,z]. Points are rotated into each box's frame and tested with closed bounds ``|p| <= size/2``, the same
     inclusive test as ``nuscenes.utils.geometry_utils.points_in_box``.
+    """
+    rots = quat_to_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 4))
+    return points_in_boxes_banded(points, centers, sizes_lwh, rots, 0.0)[0]
+
+
+def points_in_boxes_banded(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarray,
+                           rotation_matrices: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, near) point counts per box: ``inside`` = points with ``|p| <= size/2 - tolerance`` on every
+    axis of the box frame, ``near`` = the other points with ``|p| <= size/2 + tolerance`` on every axis (those a
+    computation of the same box with other rounding may count either way). ``tolerance`` 0: ``inside`` is the
+    closed test of ``points_in_boxes``. ``rotation_matrices`` (B, 3, 3) map box frame → points' frame.
 
     Points are sorted by x once; each box then only looks at the x-slice within its bounding-sphere radius
     (a binary search) and rotates only the points inside its bounding cube, so the cost is
     O(N log N + sum of points near each box) rather than O(N · B).
     """
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
-    counts = np.zeros(centers.shape[0], dtype=np.int64)
+    inside = np.zeros(centers.shape[0], dtype=np.int64)
+    near = np.zeros(centers.shape[0], dtype=np.int64)
     if centers.shape[0] == 0 or len(points) == 0:
-        return counts
+        return inside, near
     half = np.asarray(sizes_lwh, dtype=np.float64).reshape(-1, 3) / 2.0
-    radius = np.linalg.norm(half, axis=1)
+    radius = np.linalg.norm(half, axis=1) + tolerance
     order = np.argsort(points[:, 0])  # any order of equal x will do: only membership counts
     xyz = np.asarray(points[order, :3], dtype=np.float64)
     lo = np.searchsorted(xyz[:, 0], centers[:, 0] - radius, side="left")
     hi = np.searchsorted(xyz[:, 0], centers[:, 0] + radius, side="right")
-    rots = quat_to_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 4))
+    rots = np.asarray(rotation_matrices, dtype=np.float64).reshape(-1, 3, 3)
     for b in range(len(centers)):
         rel = xyz[lo[b]:hi[b]] - centers[b]
         rel = rel[np.all(np.abs(rel[:, 1:]) <= radius[b], axis=1)]
-        local = rel @ rots[b]  # row-vector form of R^T @ rel
-        counts[b] = int(np.count_nonzero(np.all(np.abs(local) <= half[b], axis=1)))
-    return counts
+        local = np.abs(rel @ rots[b])  # row-vector form of R^T @ rel
+        inside[b] = int(np.count_nonzero(np.all(local <= half[b] - tolerance, axis=1)))
+        near[b] = int(np.count_nonzero(np.all(local <= half[b] + tolerance, axis=1))) - inside[b]
+    return inside, near

@@ -13,7 +13,8 @@ sample's timestamp; its sample_data ``timestamp`` is the image's own. See ``conv
 
 One project is one nuScenes log and one scene, named after the project. Modules: ``convert.py`` (per-frame
 files and rows), ``tables.py`` (links and table writing), ``mapping.py`` (``configs/mappings/nuscenes.yaml``),
-``vocabulary.py`` (official names), ``tokens.py`` (deterministic tokens). The rules this follows are in
+``vocabulary.py`` (official names), ``tokens.py`` (deterministic tokens), ``lidar_pts.py`` (``num_lidar_pts`` as
+the devkit recounts it), ``rounding.py`` (how table floats are written). The rules this follows are in
 ``../shared/docs/nuscenes-rules.md``.
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ class NuScenesFormat(OutputFormat):
                 project=self.plan.project_name, output_dir=self.output_dir, mapping=self.mapping,
                 channel_map=self.channel_map, calibration=self.plan.calibration, main_lidar=self.plan.main_lidar,
                 include_pointcloud=opts.include_pointcloud, include_images=opts.include_images,
-                frames=self.plan.frames, ego_poses=self.plan.ego_poses)
+                frames=self.plan.frames, ego_poses=self.plan.ego_poses,
+                coordinate_precision=opts.coordinate_precision)
         return self._converter
 
     def convert_frame(self, frame: LoadedFrame) -> dict[str, list[dict[str, Any]]]:

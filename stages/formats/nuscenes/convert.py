@@ -30,7 +30,9 @@ from PIL import Image, UnidentifiedImageError
 
 from stages.errors import InputError
 from stages.formats.images import ImageIndex, note_filled_image
+from stages.formats.nuscenes.lidar_pts import devkit_lidar_pts
 from stages.formats.nuscenes.mapping import NuScenesMapping, normalise_name
+from stages.formats.nuscenes.rounding import round_row
 from stages.formats.nuscenes.tokens import make_token
 from stages.formats.nuscenes.vocabulary import LIDAR_CHANNEL
 from stages.geometry import Pose, box_to_parent
@@ -81,9 +83,11 @@ class FrameConverter:
 
     def __init__(self, *, project: str, output_dir: Path, mapping: NuScenesMapping, channel_map: dict[str, str],
                  calibration: dict[str, SensorCalib], main_lidar: str, include_pointcloud: bool,
-                 include_images: bool, frames: list[FrameRef] | None = None, ego_poses: list[Pose] | None = None):
+                 include_images: bool, frames: list[FrameRef] | None = None, ego_poses: list[Pose] | None = None,
+                 coordinate_precision: int | None = None):
         """``frames`` / ``ego_poses``: every frame of the plan with its ego pose, needed by the ``nearest``
-        missing-image policy (without them, missing images are skipped)."""
+        missing-image policy (without them, missing images are skipped). ``coordinate_precision``: the decimals
+        the tables will be written with (``num_lidar_pts`` is counted in the boxes as written)."""
         self.project = project
         self.output_dir = Path(output_dir)
         self.mapping = mapping
@@ -92,6 +96,7 @@ class FrameConverter:
         self.lidar_calib = calibration[main_lidar]
         self.include_pointcloud = include_pointcloud
         self.include_images = include_images
+        self.coordinate_precision = coordinate_precision
         self.scene_token = make_token(project, "scene", project)
         self.fill_missing = (include_images and mapping.missing_image_policy == "nearest" and frames is not None
                              and ego_poses is not None)
@@ -215,9 +220,29 @@ class FrameConverter:
                 "translation": [float(v) for v in center], "size": [width, length, height],
                 "rotation": [float(v) for v in rotation],
                 "num_lidar_pts": int(frame.lidar_pts[i]), "num_radar_pts": 0})
+        if annotations and self.include_pointcloud and frame.points is not None:
+            self._recount_as_written(frame, annotations)
         out: dict[str, list[dict[str, Any]]] = {}
         if annotations:
             out["sample_annotation"] = annotations
         if dropped:
             out["dropped_annotation"] = dropped
         return out
+
+    def _recount_as_written(self, frame: LoadedFrame, annotations: list[dict[str, Any]]) -> None:
+        """Set ``num_lidar_pts`` to what the devkit counts in the written lidar file, with each box as the devkit
+        rebuilds it in the lidar frame from the written (rounded) annotation, ego pose and calibration
+        (``lidar_pts.py``). The source-box count of the filter can differ for a point on a face."""
+        digits = self.coordinate_precision
+
+        def written(pose: Pose) -> dict[str, list[float]]:  # as the ego_pose / calibrated_sensor rows are written
+            return round_row({"translation": [float(v) for v in pose.translation],
+                              "rotation": [float(v) for v in pose.rotation]}, digits)
+
+        boxes = [round_row({k: a[k] for k in ("translation", "size", "rotation")}, digits) for a in annotations]
+        ego, lidar = written(frame.ego_pose), written(self.lidar_calib.pose)
+        counts = devkit_lidar_pts(frame.points, [b["translation"] for b in boxes], [b["size"] for b in boxes],
+                                  [b["rotation"] for b in boxes], ego["translation"], ego["rotation"],
+                                  lidar["translation"], lidar["rotation"])
+        for annotation, n in zip(annotations, counts):
+            annotation["num_lidar_pts"] = int(n)

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from stages.formats.nuscenes.mapping import AttributeRules, NuScenesMapping, normalise_name
+from stages.formats.nuscenes.rounding import round_row
 from stages.formats.nuscenes.tokens import make_token
 from stages.formats.nuscenes.vocabulary import ATTRIBUTES, CATEGORIES, VISIBILITY, modality
 from stages.model import SensorCalib
@@ -41,7 +42,6 @@ from stages.model import SensorCalib
 TABLE_NAMES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
                "sample_annotation", "sample_data", "scene", "sensor", "visibility")
 VOCABULARY = "nuscenes"  # token namespace of project-independent rows (category, attribute, sensor)
-MIN_QUATERNION_DECIMALS = 9  # rounding a quaternion coarser than this visibly breaks its unit length
 
 
 def vocabulary_token(table: str, name: str) -> str:
@@ -362,24 +362,6 @@ class TableBuilder:
             "prev": _tokens_at(table["token"], prev), "next": _tokens_at(table["token"], nxt),
             "num_lidar_pts": table["num_lidar_pts"], "num_radar_pts": table["num_radar_pts"]})
         return _iter_rows(out, _sort_indices(order=order, instance=instance)), instances
-
-
-def _round_floats(value: Any, decimals: int) -> Any:
-    if isinstance(value, float):
-        return round(value, decimals)
-    if isinstance(value, list):
-        return [_round_floats(v, decimals) for v in value]
-    return value
-
-
-def round_row(row: dict[str, Any], decimals: int | None) -> dict[str, Any]:
-    """Round every float of ``row`` to ``decimals`` (quaternions to at least MIN_QUATERNION_DECIMALS), in place."""
-    if decimals is not None:
-        for key, value in row.items():
-            if isinstance(value, (float, list)):
-                places = max(decimals, MIN_QUATERNION_DECIMALS) if key == "rotation" else decimals
-                row[key] = _round_floats(value, places)
-    return row
 
 
 def _write_text_atomic(path: Path, text: str | bytes) -> None:
