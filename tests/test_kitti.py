@@ -492,6 +492,59 @@ def test_mapping_options_split_drop_png_and_reference_camera(projects, tmp_path)
     assert merged.counts["dropped_out_of_image"] > 0 and "out_of_image_kept" not in merged.counts
 
 
+@pytest.mark.parametrize("export", ["default", "rotated", "rotated-ego"])
+def test_every_calib_file_has_kittis_seven_matrices_in_order(export, projects, exports):
+    """P0..P3 (12 values), R0_rect (9), Tr_velo_to_cam (12), Tr_imu_to_velo (12): KITTI readers take them by
+    name or by position; in lidar mode Tr_imu_to_velo is the inverse lidar calibration."""
+    run, dest = exports[export]
+    project = projects["rotated" if export.startswith("rotated") else "default"]
+    files = sorted((dest / "training" / "calib").glob("*.txt"))
+    assert len(files) == run.merged.counts["frames"]
+    for path in files:
+        lines = [line.split(":", 1) for line in path.read_text().splitlines()]
+        assert [(key, len(values.split())) for key, values in lines] == [
+            ("P0", 12), ("P1", 12), ("P2", 12), ("P3", 12), ("R0_rect", 9), ("Tr_velo_to_cam", 12),
+            ("Tr_imu_to_velo", 12)]
+    calib = read_calib(files[0])
+    expected = np.eye(4) if export.endswith("ego") else np.linalg.inv(sensor_to_ego(project, "lidar-fusion"))
+    np.testing.assert_allclose(calib["Tr_imu_to_velo"], expected[:3], atol=1e-9)
+    np.testing.assert_allclose(calib["R0_rect"], np.eye(3))
+
+
+def test_coordinate_precision_sets_the_decimals_of_label_geometry(projects, exports, tmp_path):
+    """label_2's alpha, h w l, x y z and rotation_y get coordinate_precision decimals (6 when unset); pixels keep 2."""
+    _, full = exports["default"]
+    run = run_serial(projects["default"], tmp_path / "out", kitti_request(max_frames=3, coordinate_precision=2,
+                                                                          include_images=False,
+                                                                          include_pointcloud=False))
+    geometry = [3, *range(8, 15)]
+    compared = 0
+    for idx in range(3):
+        rounded = (tmp_path / "out" / "training" / "label_2" / f"{idx:06d}.txt").read_text().splitlines()
+        precise = (full / "training" / "label_2" / f"{idx:06d}.txt").read_text().splitlines()
+        assert len(rounded) == len(precise)
+        for short, long in zip(rounded, precise):
+            a, b = short.split(" "), long.split(" ")
+            assert all(len(a[i].split(".")[1]) == 2 and len(b[i].split(".")[1]) == 6 for i in geometry)
+            assert all(len(a[i].split(".")[1]) == 2 for i in range(4, 8))  # 2D box: pixels
+            assert all(abs(float(a[i]) - float(b[i])) <= 0.005 + 1e-9 for i in geometry)
+            compared += 1
+    assert compared > 20 and run.merged.annotations == compared
+
+
+def test_include_sweeps_is_refused_with_the_reason(projects, tmp_path):
+    from stages.errors import RequestError
+
+    request = kitti_request(include_sweeps=True, key_frame_interval=2)
+    with pytest.raises(RequestError, match="KITTI 3D object has no sweeps") as err:
+        KittiFormat.check_request(request)
+    assert err.value.field == "export_options.include_sweeps"
+    with pytest.raises(RequestError, match="KITTI 3D object has no sweeps"):
+        run_serial(projects["default"], tmp_path / "out", request)
+    assert not (tmp_path / "out").exists()
+    KittiFormat.check_request(kitti_request(include_sweeps=True))  # every frame a key frame: nothing to refuse
+
+
 def test_the_mapping_tells_mapped_left_out_and_unknown_types_apart():
     mapping = KittiMapping.from_dict(load_mapping("kitti"))
     assert mapping.class_of("hovercraft") == (None, False)

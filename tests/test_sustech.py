@@ -440,6 +440,7 @@ def test_the_real_scene_exports_to_nuscenes_with_every_label_present_or_reported
     # a label that is not exported is reported, with its reason, per type
     assert {t: counts.get(f"dropped_unknown_type.{t}") for t in unmatched_types} == unmatched_types
     assert counts["annotations"] + sum(unmatched_types.values()) == total
+    assert unmatched_types == {} and counts["dropped_unknown_types"] == 0  # every type of the real scene maps
     for ann in nusc.sample_annotation:
         assert len(ann["attribute_tokens"]) <= 1
 
@@ -596,3 +597,51 @@ def test_the_convert_command_refuses_a_bad_source_setting_or_layout(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["convert", str(SUSTECH), str(tmp_path / "out"), "--source-setting", "lidar_axes"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+# --- SUSTechPOINTS types in the format mappings ------------------------------------------------------------
+
+# The CamelCase types input-formats.md lists for SUSTechPOINTS labels, and what they must become (written out
+# here, independently of the YAML files).
+DOCUMENTED_TYPES = {  # type: (nuScenes category, KITTI class or None = deliberately left out)
+    "Car": ("vehicle.car", "Car"), "Pedestrian": ("human.pedestrian.adult", "Pedestrian"),
+    "Van": ("vehicle.car", "Van"), "Bus": ("vehicle.bus.rigid", "Truck"), "Truck": ("vehicle.truck", "Truck"),
+    "Rider": ("vehicle.motorcycle", "Cyclist"), "Motor": ("vehicle.motorcycle", "Misc"),
+    "Cyclist": ("vehicle.bicycle", "Cyclist"), "Bicycle": ("vehicle.bicycle", "Misc"),
+    "Cone": ("movable_object.trafficcone", None), "TrafficBarrier": ("movable_object.barrier", None),
+}
+NOT_NUSCENES = {"Tram", "FireHydrant", "SaftyTriangle", "DontCare"}  # left out of nuScenes on purpose
+
+
+def test_every_documented_sustech_type_maps_to_an_official_nuscenes_category_and_a_kitti_class():
+    from stages.formats.kitti.mapping import KittiMapping
+    from stages.formats.nuscenes.mapping import NuScenesMapping
+    from stages.formats.nuscenes.vocabulary import CATEGORIES
+    from stages.mappings import load_mapping
+
+    nuscenes = NuScenesMapping.from_dict(load_mapping("nuscenes"), "sustech")
+    kitti = KittiMapping.from_dict(load_mapping("kitti"))
+    for obj_type, (category, kitti_class) in DOCUMENTED_TYPES.items():
+        assert nuscenes.category_of(obj_type) == category and category in CATEGORIES, obj_type
+        assert kitti.class_of(obj_type) == (kitti_class, True), obj_type
+
+
+def test_every_sustech_type_of_one_mapping_is_listed_in_the_other():
+    """A type the nuScenes mapping knows is never an unknown type for KITTI (and the reverse), so exporting the
+    same scene to either format reports the same labels as exported or left out on purpose."""
+    from stages.formats.kitti.mapping import KittiMapping
+    from stages.formats.nuscenes.mapping import NuScenesMapping
+    from stages.formats.nuscenes.vocabulary import CATEGORIES
+    from stages.mappings import load_mapping
+
+    nuscenes = NuScenesMapping.from_dict(load_mapping("nuscenes"), "sustech")
+    kitti = KittiMapping.from_dict(load_mapping("kitti"))
+    camel_case = lambda names: {n for n in names if n[:1].isupper()}  # noqa: E731 - SUSTech's spelling
+    in_nuscenes = camel_case(load_mapping("nuscenes")["categories"])
+    in_kitti = camel_case(load_mapping("kitti")["classes"])
+    for obj_type in sorted(in_nuscenes | set(DOCUMENTED_TYPES)):
+        assert nuscenes.category_of(obj_type) in CATEGORIES, obj_type
+        assert kitti.class_of(obj_type)[1], f"{obj_type} is not in configs/mappings/kitti.yaml"
+    for obj_type in sorted(in_kitti - NOT_NUSCENES):
+        assert nuscenes.category_of(obj_type) in CATEGORIES, f"{obj_type} is not in configs/mappings/nuscenes.yaml"
+    assert all(nuscenes.category_of(t) is None for t in NOT_NUSCENES)
