@@ -139,33 +139,78 @@ def points_in_boxes(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarr
     return points_in_boxes_banded(points, centers, sizes_lwh, rots, 0.0)[0]
 
 
+PAIRS_PER_CHUNK = 1 << 17  # (point, box) candidate pairs tested at a time: ~15 MB of temporaries
+
+
 def points_in_boxes_banded(points: np.ndarray, centers: np.ndarray, sizes_lwh: np.ndarray,
                            rotation_matrices: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
     """(inside, near) point counts per box: ``inside`` = points with ``|p| <= size/2 - tolerance`` on every
     axis of the box frame, ``near`` = the other points with ``|p| <= size/2 + tolerance`` on every axis (those a
     computation of the same box with other rounding may count either way). ``tolerance`` 0: ``inside`` is the
-    closed test of ``points_in_boxes``. ``rotation_matrices`` (B, 3, 3) map box frame → points' frame.
+    closed test of ``points_in_boxes``. ``rotation_matrices`` (B, 3, 3) map box frame → points' frame. Points
+    with a non-finite coordinate are in no box (as in the devkit, where every comparison with NaN fails).
 
-    Points are sorted by x once; each box then only looks at the x-slice within its bounding-sphere radius
-    (a binary search) and rotates only the points inside its bounding cube, so the cost is
-    O(N log N + sum of points near each box) rather than O(N · B).
+    Vectorised over points and boxes. A coarse prefilter first: points are bucketed by x into cells (an O(N)
+    radix sort of int16 cell numbers), and each box takes the points of the cells its bounding sphere spans
+    (a binary search). Those (point, box) pairs are then tested together, ``PAIRS_PER_CHUNK`` at a time to
+    bound memory: bounding cube first, then the box frame for the pairs left. Cost O(N + pairs), no Python
+    loop over boxes.
     """
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
-    inside = np.zeros(centers.shape[0], dtype=np.int64)
-    near = np.zeros(centers.shape[0], dtype=np.int64)
-    if centers.shape[0] == 0 or len(points) == 0:
+    n_boxes = centers.shape[0]
+    inside = np.zeros(n_boxes, dtype=np.int64)
+    near = np.zeros(n_boxes, dtype=np.int64)
+    xyz = np.asarray(points)[:, :3]
+    finite = np.isfinite(xyz).all(axis=1)
+    if not finite.all():
+        xyz = xyz[finite]
+    if n_boxes == 0 or len(xyz) == 0:
         return inside, near
     half = np.asarray(sizes_lwh, dtype=np.float64).reshape(-1, 3) / 2.0
     radius = np.linalg.norm(half, axis=1) + tolerance
-    order = np.argsort(points[:, 0])  # any order of equal x will do: only membership counts
-    xyz = np.asarray(points[order, :3], dtype=np.float64)
-    lo = np.searchsorted(xyz[:, 0], centers[:, 0] - radius, side="left")
-    hi = np.searchsorted(xyz[:, 0], centers[:, 0] + radius, side="right")
     rots = np.asarray(rotation_matrices, dtype=np.float64).reshape(-1, 3, 3)
-    for b in range(len(centers)):
-        rel = xyz[lo[b]:hi[b]] - centers[b]
-        rel = rel[np.all(np.abs(rel[:, 1:]) <= radius[b], axis=1)]
-        local = np.abs(rel @ rots[b])  # row-vector form of R^T @ rel
-        inside[b] = int(np.count_nonzero(np.all(local <= half[b] - tolerance, axis=1)))
-        near[b] = int(np.count_nonzero(np.all(local <= half[b] + tolerance, axis=1))) - inside[b]
+
+    x = xyz[:, 0].astype(np.float64)
+    x0 = float(x.min())
+    cell = max(0.25, (float(x.max()) - x0) / 30000.0)  # cell numbers fit int16
+    cells = ((x - x0) / cell).astype(np.int16)
+    order = np.argsort(cells, kind="stable")
+    sorted_cells = cells[order]
+    px, py, pz = (np.ascontiguousarray(xyz[order, k], dtype=np.float64) for k in range(3))  # in cell order
+    first = np.clip(np.floor((centers[:, 0] - radius - x0) / cell), -1, 32767).astype(np.int64)
+    last = np.clip(np.floor((centers[:, 0] + radius - x0) / cell), -1, 32767).astype(np.int64)
+    lo = np.searchsorted(sorted_cells, first, side="left")
+    hi = np.searchsorted(sorted_cells, last, side="right")
+    lengths = hi - lo
+    ends = np.cumsum(lengths)
+    cx, cy, cz = centers.T
+    r9 = rots.reshape(-1, 9)
+    b0 = 0
+    while b0 < n_boxes:
+        # boxes b0..b1-1 make one chunk (at least one box, however many pairs it has)
+        b1 = max(b0 + 1, int(np.searchsorted(ends, ends[b0] - lengths[b0] + PAIRS_PER_CHUNK, side="right")))
+        b1 = min(b1, n_boxes)
+        counts = lengths[b0:b1]
+        total = int(counts.sum())
+        b_start = b0
+        b0 = b1
+        if not total:
+            continue
+        box = np.repeat(np.arange(b_start, b1), counts)
+        pos = np.arange(total) - np.repeat(np.cumsum(counts) - counts - lo[b_start:b1], counts)
+        # bounding cube of each box's sphere
+        r = radius[box]
+        dx, dy, dz = px[pos] - cx[box], py[pos] - cy[box], pz[pos] - cz[box]
+        keep = np.flatnonzero((np.abs(dx) <= r) & (np.abs(dy) <= r) & (np.abs(dz) <= r))
+        box, dx, dy, dz = box[keep], dx[keep], dy[keep], dz[keep]
+        # box frame: local = R^T @ d, one axis at a time
+        rot, h = r9[box], half[box]
+        ok_in = np.ones(len(box), dtype=bool)
+        ok_near = np.ones(len(box), dtype=bool)
+        for k in range(3):
+            local = np.abs(dx * rot[:, k] + dy * rot[:, 3 + k] + dz * rot[:, 6 + k])
+            ok_in &= local <= h[:, k] - tolerance
+            ok_near &= local <= h[:, k] + tolerance
+        inside += np.bincount(box[ok_in], minlength=n_boxes)
+        near += np.bincount(box[ok_near & ~ok_in], minlength=n_boxes)
     return inside, near
