@@ -32,13 +32,14 @@ ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "kombu
 
 
 # Celery's own lines about our tasks ("Task export.convert[<export_id>-convert-00003] received") are logged
-# where no context is bound (the worker's main process); every export task id starts with its export id.
+# by the worker's main process, whatever context it has bound; every export task id starts with its export
+# id, and that id is the line's.
 _EXPORT_TASK = re.compile(r"export\.(?:discover|convert|merge|compress|rerun_batches)\["
                           r"(?P<id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})")
 
 
 def add_export_id_from_task_line(logger, name, event_dict):
-    if "export_id" not in event_dict and isinstance(event_dict.get("event"), str):
+    if isinstance(event_dict.get("event"), str):
         match = _EXPORT_TASK.search(event_dict["event"])
         if match:
             event_dict["export_id"] = match.group("id")

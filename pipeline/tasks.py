@@ -237,9 +237,13 @@ def _record_lost_task(sender=None, task_id: str | None = None, exception: BaseEx
     if stage not in ("discover", "rerun_batches", "convert", "merge", "compress"):
         return
     export_id, batch = canvas.parse_task_id(task_id)
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(export_id=export_id, stage=stage,
-                                           **({"batch": batch} if batch is not None else {}))
+    # the main process goes on receiving other exports' tasks: the context is this report's only
+    with structlog.contextvars.bound_contextvars(export_id=export_id, stage=stage,
+                                                 **({"batch": batch} if batch is not None else {})):
+        _fail_lost_task(export_id, stage, batch, sender, exception)
+
+
+def _fail_lost_task(export_id: str, stage: str, batch: int | None, sender, exception: BaseException) -> None:
     store = job_store()
     attempts = (getattr(getattr(sender, "request", None), "retries", 0) or 0) + 1
     if isinstance(exception, TimeLimitExceeded):

@@ -438,6 +438,7 @@ def test_a_hard_time_limit_fails_the_export_at_once_naming_the_frame(pipeline_en
     not when beat finds it silent."""
     import uuid
 
+    import structlog
     from celery.exceptions import TimeLimitExceeded
 
     from pipeline import tasks
@@ -448,8 +449,11 @@ def test_a_hard_time_limit_fails_the_export_at_once_naming_the_frame(pipeline_en
                            status="processing", step="convert"))
     try:
         store.note_frame(export_id, 2, "1708676399593999872")
+        structlog.contextvars.clear_contextvars()
         tasks._record_lost_task(sender=tasks.convert, task_id=f"{export_id}-convert-00002",
                                 exception=TimeLimitExceeded(600))
+        # the main process logs other exports' tasks next: nothing of this one stays bound there
+        assert structlog.contextvars.get_contextvars() == {}
         job = store.get(export_id)
         assert job.status == "failed" and store.stop_requested(export_id)
         assert job.error["error"] == "TimeLimitExceeded" and "time limit" in job.error["message"]

@@ -173,3 +173,15 @@ logging.getLogger("celery.app.trace").info("Task export.convert[{export_id}-conv
     assert "stage started" in ours and f"export_id={export_id}" in ours and "batch=3" in ours
     assert "[pipeline.tasks]" in ours and "info" in ours
     assert "Task export.convert" in celery and f"export_id={export_id}" in celery
+
+
+def test_a_celery_task_line_names_its_own_export_whatever_context_is_bound():
+    """The worker's main process logs "Task export.convert[<id>-convert-00003] received" for every export; a
+    context left bound there (e.g. by a lost-task report of another export) must not relabel the line."""
+    from pipeline.logging import add_export_id_from_task_line
+
+    mine, other = "4a61608a-3ba0-4063-aaa8-2a967db7ef4b", "72f1cfae-00c3-4336-9030-000000000000"
+    line = {"event": f"Task export.convert[{mine}-convert-00003] received", "export_id": other}
+    assert add_export_id_from_task_line(None, "info", line)["export_id"] == mine
+    unrelated = {"event": "stage started", "export_id": other}
+    assert add_export_id_from_task_line(None, "info", unrelated)["export_id"] == other
