@@ -76,14 +76,15 @@ class ExportStopped(Ignore):
     """The task ends without a result because its export was cancelled or has failed elsewhere."""
 
 
-def stop_here(export_id: str) -> None:
-    """This task stops because its export was cancelled or failed elsewhere. A cancelled export loses its
-    files (every stopping task removes them, after it has stopped writing); a failed one keeps its finished
-    batches staged for a retry."""
+def stop_here(export_id: str, how: str = "at a checkpoint") -> None:
+    """This task stops because its export was cancelled or failed elsewhere (``how``, logged: "at a
+    checkpoint" between steps, "at the next frame" inside a batch, "after an error" its stop caused). A
+    cancelled export loses its files (every stopping task removes them, after it has stopped writing); a
+    failed one keeps its finished batches staged for a retry."""
     job = job_store().find(export_id)
     if job is None or job.status == CANCELLED:
         remove_export_files(get_settings().export_root, export_id)
-    log.info("stage stopped", status=job.status if job else None)
+    log.info("stage stopped", status=job.status if job else None, how=how)
     raise ExportStopped()
 
 
@@ -117,7 +118,7 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
         yield report
         finished()
     except CancelledExport:
-        stop_here(export_id)
+        stop_here(export_id, "at the next frame")
     except ExportStopped:
         raise
     except Ignore:  # Task.replace: this task's work is done, the replacement continues it
@@ -125,7 +126,7 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
         raise
     except Exception as exc:
         if _stopped(export_id):  # cancelled (its files vanish under running batches) or failed elsewhere
-            stop_here(export_id)
+            stop_here(export_id, "after an error")
         policy = retry_policy_of(export_id)
         if policy.should_retry(exc, retries):
             countdown = policy.countdown(retries)

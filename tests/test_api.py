@@ -107,25 +107,35 @@ def test_the_guides_request_starts_an_export_and_the_status_reflects_it(client, 
         assert key in status
 
 
-# The body of the README's curl example (the product guide's request).
+# The body of the README's curl example (global frame, cars and pedestrians, min_points 5).
 README_BODY = {"export_format": "nuscenes_v1.0", "coordinate_system": "global",
                "annotation_filter": {"object_types": ["car", "pedestrian"], "min_points": 5},
                "export_options": {"include_images": True, "include_pointcloud": True, "compress_output": True}}
 
 
+@pytest.fixture(scope="module")
+def project_50(pipeline_env) -> str:
+    from stages.synth import generate_project
+
+    generate_project(pipeline_env.data_root, "api-drive-50", 50, cameras=6, seed=3)
+    return "api-drive-50"
+
+
+@pytest.mark.parametrize("body", [GUIDE_BODY, README_BODY], ids=["guide", "readme"])
 def test_the_guides_body_on_50_frames_completes_and_the_download_loads_in_the_devkit(client, pipeline_env,
-                                                                                      celery_worker, tmp_path):
+                                                                                      celery_worker, tmp_path,
+                                                                                      project_50, body):
     """Over HTTP end to end: POST, poll (progress never decreases, 100 exactly at completed, the step names
     frame counts), download, unpack, ``NuScenes()`` with the expected sample and annotation counts."""
     from nuscenes import NuScenes
 
-    from stages.synth import generate_project
-
-    project_dir = generate_project(pipeline_env.data_root, "api-drive-50", 50, cameras=6, seed=3)
+    project_dir = pipeline_env.data_root / project_50 / "nextpoints"
     labels = [obj for p in sorted((project_dir / "label").glob("*.json")) for obj in json.loads(p.read_text())]
-    wanted = [obj for obj in labels if obj["obj_type"] in ("car", "pedestrian")]
+    types = body["annotation_filter"]["object_types"]
+    min_points = body["annotation_filter"]["min_points"]
+    wanted = [obj for obj in labels if obj["obj_type"] in types]
 
-    task_id = start(client, "api-drive-50", README_BODY)["task_id"]
+    task_id = start(client, project_50, body)["task_id"]
     seen = []
 
     def finished():
@@ -147,13 +157,14 @@ def test_the_guides_body_on_50_frames_completes_and_the_download_loads_in_the_de
     nusc = NuScenes(version="v1.0-trainval", dataroot=str(tmp_path / "dataset"), verbose=False)
     assert len(nusc.sample) == final["total_frames_processed"] == 50
     assert len(nusc.sample_annotation) == final["total_annotations_exported"] > 0
-    # every car and pedestrian label is exported or counted as removed by min_points; nothing else is exported
+    # every label of the asked types is exported or counted as removed by min_points; nothing else is exported
     assert final["total_annotations_exported"] + final["filtered"].get("min_points", 0) == len(wanted)
     assert final["filtered"]["object_types"] == len(labels) - len(wanted)
     categories = {nusc.get("category", nusc.get("instance", a["instance_token"])["category_token"])["name"]
                   for a in nusc.sample_annotation}
-    assert categories <= {"vehicle.car", "human.pedestrian.adult"}
-    assert min(a["num_lidar_pts"] for a in nusc.sample_annotation) >= 5
+    official = {"car": "vehicle.car", "pedestrian": "human.pedestrian.adult", "bicycle": "vehicle.bicycle"}
+    assert categories <= {official[t] for t in types} and len(categories) >= 2
+    assert min(a["num_lidar_pts"] for a in nusc.sample_annotation) >= min_points
 
 
 def test_the_path_fixes_the_format_and_a_body_asking_for_another_is_refused(client, project):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -52,14 +53,14 @@ def batch_metas(export_id: str) -> list[dict | None]:
 
 
 def tasks_of(export_id: str, hostname: str) -> list[dict]:
-    """The export's tasks the worker is running or holds reserved."""
+    """The export's tasks the worker is running, holds reserved, or holds scheduled (a retry's countdown)."""
     from pipeline.celery_app import app
 
     inspect = app.control.inspect(destination=[hostname], timeout=2)
     found = []
-    for listing in (inspect.active() or {}, inspect.reserved() or {}):
+    for listing in (inspect.active() or {}, inspect.reserved() or {}, inspect.scheduled() or {}):
         for tasks in listing.values():
-            found += [t for t in tasks if t["id"].startswith(export_id)]
+            found += [t for t in tasks if t.get("request", t)["id"].startswith(export_id)]  # scheduled: nested
     return found
 
 
@@ -213,28 +214,40 @@ def test_list_exports_is_newest_first_and_counts_all(completed_run):
 
 # --- cancel -------------------------------------------------------------------------------------------------
 def test_cancel_during_conversion_stops_every_batch_and_leaves_no_files(project, pipeline_env, celery_worker):
-    from pipeline import service
-    from pipeline.errors import JobNotCancellable
+    """DELETE over HTTP while both batches are converting: the job is cancelled at once, each running batch
+    stops at its next frame (neither finishes its 25 frames), staging and archive are removed, and 10 s after
+    the DELETE the worker runs, holds or schedules no task of the export."""
+    from fastapi.testclient import TestClient
 
-    # two batches of 25 frames: cancelled after a batch's first frame, both are still converting
+    from api.main import app
+    from pipeline import service
+
+    # two batches of 25 frames, both converting when the DELETE comes
     export_id = service.start_export(project, ExportRequest(), batch_size=25)["task_id"]
     follow(export_id, until=("processing",), interval=0.02)
-    wait_until(lambda: any(m and m["status"] == "PROGRESS" for m in batch_metas(export_id)), 60, 0.01,
-               what="a batch to convert its first frame")
-    cancelled = service.cancel_export(export_id)
-    assert cancelled["status"] == "cancelled"
+    wait_until(lambda: sum(1 for m in batch_metas(export_id) if m and m["status"] == "PROGRESS") == 2, 60, 0.01,
+               what="both batches to convert their first frame")
+    with TestClient(app) as client:
+        response = client.delete(f"/api/projects/export/tasks/{export_id}")
+        deleted_at = time.monotonic()
+        assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
 
-    staging = pipeline_env.export_root / "staging" / export_id
-    leftovers = lambda: [p for p in pipeline_env.export_root.iterdir() if export_id in p.name] + \
-        ([staging] if staging.exists() else [])
-    wait_until(lambda: not tasks_of(export_id, celery_worker.hostname), 10, 0.2,
-               what="the worker to drop every task of the cancelled export")
-    wait_until(lambda: not leftovers(), 10, 0.1, what="staging and archive to be removed")
-    final = service.export_status(export_id)
-    assert final["status"] == "cancelled" and final["progress"] < 100
-    assert not leftovers()
-    with pytest.raises(JobNotCancellable):
-        service.cancel_export(export_id)
+        staging = pipeline_env.export_root / "staging" / export_id
+        leftovers = lambda: [p for p in pipeline_env.export_root.iterdir() if export_id in p.name] + \
+            ([staging] if staging.exists() else [])
+        wait_until(lambda: not leftovers(), 10, 0.1, what="staging and archive to be removed")
+        time.sleep(max(0.0, deleted_at + 10 - time.monotonic()))
+        assert not tasks_of(export_id, celery_worker.hostname)  # 10 s later: nothing running, held or scheduled
+        assert not leftovers()
+        final = client.get(f"/api/projects/export/tasks/{export_id}").json()
+        assert final["status"] == "cancelled" and final["progress"] < 100
+        assert client.delete(f"/api/projects/export/tasks/{export_id}").status_code == 409
+
+    convert_lines = [line for line in worker_log_lines(celery_worker)
+                     if line.get("export_id") == export_id and line.get("stage") == "convert"]
+    stopped = {line["batch"]: line["how"] for line in convert_lines if line["event"] == "stage stopped"}
+    assert stopped == {0: "at the next frame", 1: "at the next frame"}, convert_lines[-6:]
+    assert not [line for line in convert_lines if line["event"] == "stage finished"]
 
 
 def test_cancelling_a_finished_export_is_refused(completed_run):
