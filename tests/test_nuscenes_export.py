@@ -180,6 +180,47 @@ def test_num_lidar_pts_recounted_with_points_in_box(exported):
             assert ann["num_radar_pts"] == 0
 
 
+def _transform(doc: dict) -> tuple[np.ndarray, Quaternion]:
+    t, r = doc["transform"]["translation"], doc["transform"]["rotation"]
+    return np.array([t["x"], t["y"], t["z"]]), Quaternion(r["w"], r["x"], r["y"], r["z"]).normalised
+
+
+def test_calibrations_and_ego_poses_are_the_projects_own(exported):
+    """Every calibrated_sensor is its channel's calib JSON (sensor→ego; cameras with their fx, fy, cx, cy), and
+    every sample_data's ego pose is its frame's ego_pose JSON: with a rotated lidar, a writer that wrote the
+    identity would still give the boxes back in the lidar frame, so the values are checked here."""
+    project, dest, run, nusc = exported
+    channel_of = {"lidar-fusion": "LIDAR_TOP", **CAMERAS}
+    for calib_file in sorted((project / "calib").glob("*.json")):
+        calib = json.loads(calib_file.read_text())
+        translation, rotation = _transform(calib["pose"])
+        [sensor] = [s for s in nusc.sensor if s["channel"] == channel_of[calib["channel"]]]
+        records = [c for c in nusc.calibrated_sensor if c["sensor_token"] == sensor["token"]]
+        assert records, calib["channel"]
+        for record in records:
+            np.testing.assert_allclose(record["translation"], translation, atol=1e-6)
+            assert rotation_angle(Quaternion(record["rotation"]), rotation) < 1e-6, calib["channel"]
+            if calib["sensor_type"] == "camera":
+                k = calib["camera_config"]["intrinsic"]
+                np.testing.assert_allclose(record["camera_intrinsic"],
+                                           [[k["fx"], k["skew"], k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], atol=1e-6)
+            else:
+                assert record["camera_intrinsic"] == []
+    if "rotated" in str(project):
+        [lidar] = [c for c in nusc.calibrated_sensor if c["camera_intrinsic"] == []]
+        assert Quaternion(lidar["rotation"]).degrees > 45  # the preset's lidar is really rotated
+    poses = {int(p.stem) // 1000: _transform(json.loads(p.read_text())) for p in (project / "ego_pose").glob("*.json")}
+    checked = 0
+    for sd in nusc.sample_data:
+        if sd["is_key_frame"] and sd["timestamp"] in poses:
+            ego = nusc.get("ego_pose", sd["ego_pose_token"])
+            translation, rotation = poses[sd["timestamp"]]
+            np.testing.assert_allclose(ego["translation"], translation, atol=1e-6)
+            assert rotation_angle(Quaternion(ego["rotation"]), rotation) < 1e-6
+            checked += 1
+    assert checked >= 20
+
+
 def test_every_camera_sample_data_carries_its_image_and_real_size(exported):
     project, dest, run, nusc = exported
     cameras = [sd for sd in nusc.sample_data if sd["sensor_modality"] == "camera"]
