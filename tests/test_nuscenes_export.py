@@ -569,3 +569,88 @@ def test_sweeps_hang_on_the_following_sample_and_floats_are_rounded(small_projec
 def test_lidar_coordinate_system_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="coordinate_system 'lidar' has no meaning here"):
         NuScenesFormat.check_request(ExportRequest(coordinate_system="lidar"))
+
+
+def test_missing_ego_poses_are_interpolated_or_copied_with_a_warning(small_project, tmp_path):
+    """Frame 2's pose file gone: its ego pose is halfway (in time) between frames 1 and 3, translation linear and
+    rotation slerped; the last frame's gone: it gets frame 4's. Each is a warning naming the frame."""
+    stems = sorted(p.stem for p in (small_project / "ego_pose").glob("*.json"))
+    assert len(stems) == 6
+    poses = {stem: _transform(json.loads((small_project / "ego_pose" / f"{stem}.json").read_text())) for stem in stems}
+    (small_project / "ego_pose" / f"{stems[2]}.json").unlink()
+    (small_project / "ego_pose" / f"{stems[5]}.json").unlink()
+    run = export(small_project, tmp_path / "out")
+    nusc = NuScenes(VERSION, str(tmp_path / "out"), verbose=False)
+    lidar_pose = {}
+    for sample in nusc.sample:
+        sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+        ego = nusc.get("ego_pose", sd["ego_pose_token"])
+        lidar_pose[sample["timestamp"]] = (np.array(ego["translation"]), Quaternion(ego["rotation"]))
+    by_stem = {stem: lidar_pose[int(stem) // 1000] for stem in stems}
+    (t1, q1), (t3, q3) = poses[stems[1]], poses[stems[3]]
+    assert rotation_angle(q1, q3) > 1e-3 or np.linalg.norm(t3 - t1) > 0.5  # the ego moves between them
+    np.testing.assert_allclose(by_stem[stems[2]][0], (t1 + t3) / 2, atol=1e-6)
+    assert rotation_angle(by_stem[stems[2]][1], Quaternion.slerp(q1, q3, 0.5)) < 1e-6
+    np.testing.assert_allclose(by_stem[stems[5]][0], poses[stems[4]][0], atol=1e-6)
+    assert rotation_angle(by_stem[stems[5]][1], poses[stems[4]][1]) < 1e-6
+    for stem in (stems[0], stems[1], stems[3], stems[4]):  # the others are their own
+        np.testing.assert_allclose(by_stem[stem][0], poses[stem][0], atol=1e-6)
+    warned = {w["frame"]: w["warning"] for w in run.merged.warnings if "ego pose" in w["warning"]}
+    assert warned == {stems[2]: f"missing ego pose: interpolated between frames {stems[1]} and {stems[3]}",
+                      stems[5]: f"missing ego pose: copied from frame {stems[4]}"}
+
+
+def test_a_project_without_ego_poses_exports_in_the_ego_frame_with_a_warning(small_project, tmp_path):
+    for pose in (small_project / "ego_pose").glob("*.json"):
+        pose.unlink()
+    run = export(small_project, tmp_path / "out")
+    nusc = NuScenes(VERSION, str(tmp_path / "out"), verbose=False)
+    assert len(nusc.sample) == 6
+    assert all(ego["translation"] == [0, 0, 0] and ego["rotation"] == [1, 0, 0, 0] for ego in nusc.ego_pose)
+    assert [w["warning"] for w in run.merged.warnings if "ego pose" in w["warning"]] == \
+        ["no ego poses in the project: identity used for every frame"]
+
+
+def test_a_vehicle_below_the_moving_speed_is_stopped_and_one_above_is_moving(small_project, tmp_path):
+    """Without obj_attr, a vehicle's attribute follows its global horizontal speed against the mapping's
+    moving_speed_mps (0.3 m/s): 0 and 0.2 m/s → vehicle.stopped, 0.5 m/s → vehicle.moving. No ego poses, so
+    the lidar frame is the global frame and the speeds are set in the labels directly."""
+    for pose in (small_project / "ego_pose").glob("*.json"):
+        pose.unlink()
+    labels = sorted((small_project / "label").glob("*.json"))
+    frames = {int(p.stem): json.loads(p.read_text()) for p in labels}
+    t0 = min(frames)
+    cars = set.intersection(*({o["obj_id"] for o in objs if o["obj_type"] == "car"} for objs in frames.values()))
+    assert len(cars) >= 3, cars
+    speed_of = dict(zip(sorted(cars)[:3], (0.0, 0.2, 0.5)))
+    for stem, objs in frames.items():
+        t = (stem - t0) * 1e-9
+        for obj in objs:
+            if obj["obj_id"] in speed_of:
+                obj["obj_attr"] = None
+                obj["psr"]["position"]["x"] = 10.0 * list(speed_of).index(obj["obj_id"]) + speed_of[obj["obj_id"]] * t
+                obj["psr"]["position"]["y"] = 40.0
+        (small_project / "label" / f"{stem}.json").write_text(json.dumps(objs))
+    export(small_project, tmp_path / "out")
+    nusc = NuScenes(VERSION, str(tmp_path / "out"), verbose=False)
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    seen = defaultdict(set)
+    for inst in nusc.instance:
+        anns = [a for a in nusc.sample_annotation if a["instance_token"] == inst["token"]]
+        ys = {round(a["translation"][1], 3) for a in anns}
+        if ys == {40.0}:  # one of the three cars
+            speed = speed_of[sorted(speed_of)[round(anns[0]["translation"][0] / 10.0)]]
+            seen[speed] |= {attr_name[t] for a in anns for t in a["attribute_tokens"]}
+    assert dict(seen) == {0.0: {"vehicle.stopped"}, 0.2: {"vehicle.stopped"}, 0.5: {"vehicle.moving"}}
+
+
+def test_the_version_folder_is_the_requests(small_project, tmp_path):
+    request = ExportRequest(version="v1.0-mini", export_options=ExportOptions(compress_output=False))
+    run_serial(small_project, tmp_path / "out", request)
+    assert not (tmp_path / "out" / VERSION).exists()
+    nusc = NuScenes("v1.0-mini", str(tmp_path / "out"), verbose=False)
+    assert len(nusc.sample) == 6
+    result = subprocess.run([sys.executable, "-m", "nuscenes.tests.assert_download", "--dataroot",
+                             str(tmp_path / "out"), "--version", "v1.0-mini", "--verbose", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
