@@ -81,6 +81,7 @@ def reconfigure() -> None:
     app._backend_cache = None  # celery keeps the backend per app (thread-safe backends) or per thread
     app._local = threading.local()
     app._pool = None
+    app.amqp._producer_pool = None  # control broadcasts (inspect, revoke) publish through it
     jobs.reset_job_store()
 
 

@@ -6,6 +6,8 @@ Keys (prefix ``npx``):
 - ``npx:exports``           sorted set of export ids scored by creation time (epoch seconds)
 - ``npx:export:<id>:stop``  set when the export is cancelled or has failed: running batches stop at the next
                             frame, tasks that start later exit at once
+- ``npx:export:<id>:run:<task name>:<task id>``  the lease of the one execution of that task running now,
+                            ``npx:export:<id>:done`` the tasks that succeeded (``pipeline.deliveries``)
 
 Status moves ``pending → processing → completed | failed | cancelled``; a failed export rerun from one of its
 stages (``service.retry_export``) goes back to ``processing``. Every write by a task goes through
@@ -143,6 +145,27 @@ return current
 """
 
 
+# Take the lease when it is free, already ours (a refresh), or held by ARGV[3], a holder known to be gone.
+# Returns the holder after the call: ARGV[1] when taken.
+_CLAIM_RUN = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] or current == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+  return ARGV[1]
+end
+return current
+"""
+# Drop the lease if it is still ours; with ARGV[2] = '1' record the task done.
+_RELEASE_RUN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+return 1
+"""
+
+
 class JobStore:
     """Reads and writes export job records in Redis (the result backend's Redis)."""
 
@@ -272,9 +295,36 @@ class JobStore:
         raw = self.client.hget(self.frames_key(export_id), str(batch))
         return _text(raw) if raw else None
 
+    # --- task executions (pipeline.deliveries) -----------------------------------------------------------
+    def run_key(self, export_id: str, task_key: str) -> str:
+        return f"{self.key(export_id)}:run:{task_key}"
+
+    def done_key(self, export_id: str) -> str:
+        return f"{self.key(export_id)}:done"
+
+    def claim_run(self, export_id: str, task_key: str, holder: str, ttl_s: float, take_from: str = "") -> str:
+        """Take (or refresh) the lease of ``task_key``'s execution for ``ttl_s``; ``take_from`` names a holder
+        known to be gone whose lease may be taken over. Returns the holder after the call."""
+        current = self.script(_CLAIM_RUN)(keys=[self.run_key(export_id, task_key)],
+                                          args=[holder, int(ttl_s * 1000), take_from])
+        return _text(current)
+
+    def release_run(self, export_id: str, task_key: str, holder: str, done: bool) -> None:
+        """Give the lease back (if still ``holder``'s) and, when ``done``, record the task as succeeded."""
+        self.script(_RELEASE_RUN)(keys=[self.run_key(export_id, task_key), self.done_key(export_id)],
+                                  args=[holder, "1" if done else "0", task_key, STOP_FLAG_TTL])
+
+    def run_done(self, export_id: str, task_key: str) -> bool:
+        return bool(self.client.sismember(self.done_key(export_id), task_key))
+
+    def forget_done(self, export_id: str) -> None:
+        """For a rerun from a stage: its tasks (same ids) run again."""
+        self.client.delete(self.done_key(export_id))
+
     def delete(self, export_id: str) -> None:
         with self.client.pipeline() as pipe:
-            pipe.delete(self.key(export_id), self.stop_key(export_id), self.frames_key(export_id))
+            pipe.delete(self.key(export_id), self.stop_key(export_id), self.frames_key(export_id),
+                        self.done_key(export_id))
             pipe.zrem(self.index_key, export_id)
             pipe.execute()
 

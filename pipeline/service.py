@@ -234,6 +234,7 @@ def retry_export(export_id: str, stage: str, all_batches: bool = False) -> dict[
                                      archive=archive_for(settings.export_root, export_id, request),
                                      batches=batches, queue=queue, priority=job.priority or request.priority)
     store.clear_stop(export_id)
+    store.forget_done(export_id)  # the rerun's tasks keep their ids: they must run again
     applied, before = store.update(export_id, allowed=(FAILED,), status=PROCESSING,
                                    step="convert" if batches else ("compress" if stage == "compress" else "merge"),
                                    error=None, completed_at=None, heartbeat=round(time.time(), 3),

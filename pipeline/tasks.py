@@ -19,6 +19,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from pipeline import canvas
 from pipeline.celery_app import app
+from pipeline.deliveries import DuplicateDelivery, Execution
 from pipeline.jobs import CANCELLED, COMPLETED, PENDING, PROCESSING, StopFlag, job_store, utc_now
 from pipeline.paths import remove_export_files
 from pipeline.retry_policy import RetryPolicy
@@ -107,11 +108,16 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
     retries = task.request.retries or 0
     started = time.perf_counter()
     report: dict[str, Any] = {}
+    execution = Execution(job_store(), export_id, task)
+    succeeded = False
 
     def finished() -> None:
+        nonlocal succeeded
+        succeeded = True
         log.info("stage finished", seconds=round(time.perf_counter() - started, 3), **report)
 
     try:
+        execution.claim()  # one execution per task: a second delivery of it is dropped or deferred
         exit_if_stopped(export_id)  # a task that starts after a cancel does nothing
         log.info("stage started", task_id=task.request.id, queue=delivery.get("routing_key"),
                  redelivered=bool(delivery.get("redelivered")), attempt=retries + 1)
@@ -119,7 +125,7 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
         finished()
     except CancelledExport:
         stop_here(export_id, "at the next frame")
-    except ExportStopped:
+    except (ExportStopped, DuplicateDelivery):
         raise
     except Ignore:  # Task.replace: this task's work is done, the replacement continues it
         finished()
@@ -136,6 +142,8 @@ def export_stage(task, export_id: str, stage: str, batch: int | None = None) -> 
             raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
         record_failure(export_id, stage, batch, exc, attempts=retries + 1)
         raise
+    finally:
+        execution.release(done=succeeded)
     # the context stays bound until the next task starts (celery_app clears it on task_prerun), so that
     # Celery's own "Task ... succeeded/failed" line carries the export id too
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from nuscenes import NuScenes
 
-from conftest import LARGE_EXPORT_FRAMES, PIPELINE_BATCH_SIZE, wait_until
+from conftest import REPO_ROOT, LARGE_EXPORT_FRAMES, PIPELINE_BATCH_SIZE, wait_until
 from stages.request import ExportRequest
 
 FRAMES = 50
@@ -87,7 +87,7 @@ def completed_run(project, pipeline_env) -> dict:
 def test_a_50_frame_export_completes_and_its_archive_loads_in_the_nuscenes_devkit(completed_run, pipeline_env,
                                                                                project, tmp_path):
     final = completed_run["final"]
-    assert final["status"] == "completed", final
+    assert final["status"] == "completed", final["error_details"]
     assert final["total_frames_processed"] == FRAMES
     annotations = expected_annotations(pipeline_env.data_root / project / "nextpoints")
     assert final["total_annotations_exported"] == annotations
@@ -213,17 +213,20 @@ def test_list_exports_is_newest_first_and_counts_all(completed_run):
 
 
 # --- cancel -------------------------------------------------------------------------------------------------
-def test_cancel_during_conversion_stops_every_batch_and_leaves_no_files(project, pipeline_env, celery_worker):
+def test_cancel_during_conversion_stops_every_batch_and_leaves_no_files(pipeline_env, celery_worker):
     """DELETE over HTTP while both batches are converting: the job is cancelled at once, each running batch
-    stops at its next frame (neither finishes its 25 frames), staging and archive are removed, and 10 s after
-    the DELETE the worker runs, holds or schedules no task of the export."""
+    stops within a frame (at the stop flag, or at the first file the cancel removed under it; neither finishes
+    its 100 frames), staging and archive are removed, and 10 s after the DELETE the worker runs, holds or
+    schedules no task of the export."""
     from fastapi.testclient import TestClient
 
     from api.main import app
     from pipeline import service
+    from stages.synth import generate_project
 
-    # two batches of 25 frames, both converting when the DELETE comes
-    export_id = service.start_export(project, ExportRequest(), batch_size=25)["task_id"]
+    generate_project(pipeline_env.data_root, "drive-200", 200)
+    # two batches of 100 frames (seconds each), both converting when the DELETE comes
+    export_id = service.start_export("drive-200", ExportRequest(), batch_size=100)["task_id"]
     follow(export_id, until=("processing",), interval=0.02)
     wait_until(lambda: sum(1 for m in batch_metas(export_id) if m and m["status"] == "PROGRESS") == 2, 60, 0.01,
                what="both batches to convert their first frame")
@@ -246,7 +249,7 @@ def test_cancel_during_conversion_stops_every_batch_and_leaves_no_files(project,
     convert_lines = [line for line in worker_log_lines(celery_worker)
                      if line.get("export_id") == export_id and line.get("stage") == "convert"]
     stopped = {line["batch"]: line["how"] for line in convert_lines if line["event"] == "stage stopped"}
-    assert stopped == {0: "at the next frame", 1: "at the next frame"}, convert_lines[-6:]
+    assert set(stopped) == {0, 1} and set(stopped.values()) <= {"at the next frame", "after an error"}, stopped
     assert not [line for line in convert_lines if line["event"] == "stage finished"]
 
 
@@ -407,12 +410,105 @@ def test_a_worker_process_killed_mid_batch_loses_nothing(project, pipeline_env, 
     os.kill(victim["result"]["pid"], signal.SIGKILL)
 
     final = follow(export_id)[-1]
-    assert final["status"] == "completed", final
+    assert final["status"] == "completed", final["error_details"]
     assert final["total_frames_processed"] == FRAMES
     assert final["total_annotations_exported"] == expected_annotations(pipeline_env.data_root / project / "nextpoints")
     log = celery_worker.log_tail(2000)
     assert f"pid:{victim['result']['pid']} exited with 'signal 9 (SIGKILL)'" in log
     assert len(re.findall(rf"export\.convert\[{victim['task_id']}\] received", log)) >= 2  # redelivered
+
+
+@pytest.fixture
+def own_redis_and_worker(pipeline_env, tmp_path, monkeypatch):
+    """A Redis and a worker of this test's own (the session's data and export roots), for a test that drops
+    every connection to its Redis: the session's worker and this process's pooled connections stay whole."""
+    import redis
+
+    from pipeline.celery_app import app, reconfigure
+    from pipeline.cli import worker_command
+    from pipeline.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    monkeypatch.setenv("CELERY_BROKER_URL", server.url)
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", server.url)
+    reconfigure()
+    env = {**pipeline_env.env, "CELERY_BROKER_URL": server.url, "CELERY_RESULT_BACKEND": server.url}
+    hostname = f"npx-drops-{os.getpid()}@localhost"
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen(worker_command(2, "info", hostname, extra=["--without-gossip", "--without-mingle"]),
+                                  cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until(lambda: app.control.ping(destination=[hostname], timeout=0.5), 60, 0.2, what="the worker")
+        yield redis.Redis(unix_socket_path=str(server.socket_path)), log_path
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        monkeypatch.undo()
+        reconfigure()
+        server.stop()
+
+
+def test_redis_connections_dropped_during_an_export_lose_nothing(completed_run, project, own_redis_and_worker):
+    """Every client connection to Redis (broker, result backend, job records; the worker's and this process's)
+    is dropped by the server ten times while the export runs: clients reconnect, the tasks whose messages come
+    again are neither run twice at once nor after they succeeded, and the export completes with the counts of
+    an undisturbed run."""
+    from pipeline import service
+
+    admin, worker_log = own_redis_and_worker
+    export_id = service.start_export(project, ExportRequest(), export_format="nuscenes_v1.0")["task_id"]
+    follow(export_id, until=("processing", "completed", "failed"), interval=0.02)
+    drops = 0
+    while drops < 10 and service.export_status(export_id)["status"] == "processing":
+        killed = admin.client_kill_filter(_type="normal", skipme=True) + \
+            admin.client_kill_filter(_type="pubsub", skipme=True)
+        drops += 1 if killed else 0
+        time.sleep(0.3)
+    assert drops >= 3, ("the export ended before its connections could be dropped",
+                        service.export_status(export_id)["error_details"])
+    final = follow(export_id, timeout=300)[-1]
+    assert final["status"] == "completed", final["error_details"]
+    expected = completed_run["final"]
+    assert (final["total_frames_processed"], final["total_annotations_exported"]) == \
+        (expected["total_frames_processed"], expected["total_annotations_exported"])
+    assert service.archive_for_download(export_id).stat().st_size > 0
+    lines = [json.loads(text) for text in worker_log.read_text().splitlines() if text.startswith("{")]
+    assert any("Connection to broker lost" in line["event"] for line in lines)  # the drops reached the worker
+
+
+def test_one_execution_per_task_a_gone_holder_is_taken_over_and_a_done_task_is_dropped(pipeline_env):
+    import uuid
+    from types import SimpleNamespace
+
+    from pipeline.deliveries import HOST, DuplicateDelivery, Execution, holder_gone
+    from pipeline.jobs import job_store
+
+    store, export_id = job_store(), str(uuid.uuid4())
+    task = SimpleNamespace(name="export.merge", request=SimpleNamespace(id=export_id))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = f"{HOST}:{ended.pid}:0123456789ab"
+    assert holder_gone(gone)
+    assert not holder_gone(f"{HOST}:{os.getpid()}:0123456789ab") and not holder_gone(f"elsewhere:{ended.pid}:x")
+    key = f"export.merge:{export_id}"
+    assert store.claim_run(export_id, key, gone, 60) == gone
+    first = Execution(store, export_id, task)
+    first.claim()  # the lease of a process gone from this host is taken over at once
+    assert store.claim_run(export_id, key, "another:1:x", 60) == first.holder  # held: nobody else gets it
+    first.release(done=True)
+    with pytest.raises(DuplicateDelivery):  # succeeded: a later delivery is dropped
+        Execution(store, export_id, task).claim()
+    store.forget_done(export_id)  # a rerun from a stage
+    again = Execution(store, export_id, task)
+    again.claim()
+    again.release(done=False)
+    assert not store.run_done(export_id, key) and store.claim_run(export_id, key, "another:1:x", 1) == "another:1:x"
+    store.delete(export_id)
 
 
 def test_a_batch_that_keeps_killing_its_worker_fails_the_export_naming_batch_and_frame(project, pipeline_env,
