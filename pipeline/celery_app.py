@@ -60,7 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
     return {
-        "cleanup-old-exports": {"task": "export.beat.cleanup", "schedule": 3600.0},
+        "cleanup-old-exports": {"task": "export.beat.cleanup", "schedule": settings.cleanup_interval_s},
         "fail-stale-exports": {"task": "export.beat.fail_stale",
                                "schedule": float(min(300, max(30, settings.task_time_limit // 10)))},
     }

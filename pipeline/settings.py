@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(25, ge=1, validation_alias="NPX_BATCH_SIZE")
     large_export_frames: int = Field(500, ge=1, validation_alias="NPX_LARGE_EXPORT_FRAMES")
     cleanup_max_age_hours: float = Field(72.0, gt=0, validation_alias="NPX_CLEANUP_MAX_AGE_HOURS")
+    cleanup_interval_s: float = Field(3600.0, gt=0, validation_alias="NPX_CLEANUP_INTERVAL_S")  # beat's period
     max_retries: int = Field(3, ge=0, le=100, validation_alias="NPX_MAX_RETRIES")
     retry_backoff: float = Field(2.0, ge=0, validation_alias="NPX_RETRY_BACKOFF")
     retry_backoff_max: float = Field(120.0, ge=0, validation_alias="NPX_RETRY_BACKOFF_MAX")

@@ -97,23 +97,44 @@ def test_cleanup_removes_old_exports_and_their_files_and_nothing_else(pipeline_e
             path.unlink(missing_ok=True)
 
 
-def test_beat_schedules_cleanup_and_the_stale_check_and_starts(pipeline_env, tmp_path):
+def test_beat_sends_cleanup_on_its_schedule_and_the_worker_removes_old_exports(pipeline_env, celery_worker,
+                                                                                tmp_path):
+    """Beat (``NPX_CLEANUP_INTERVAL_S=1``) sends ``export.beat.cleanup``; the session's worker runs it and
+    removes an export older than ``NPX_CLEANUP_MAX_AGE_HOURS`` with its files, and leaves a young one."""
     from pipeline.celery_app import app
     from pipeline.cli import beat_command
+    from pipeline.jobs import ExportJob, job_store
+    from pipeline.settings import get_settings
 
     tasks = {entry["task"] for entry in app.conf.beat_schedule.values()}
     assert tasks == {"export.beat.cleanup", "export.beat.fail_stale"}
+    store, age = job_store(), get_settings().cleanup_max_age_hours
+    old_id, young_id = ("0b000000-0000-4000-8000-%012d" % i for i in range(2))
+    store.create(ExportJob(export_id=old_id, project="p", export_format="nuscenes_v1.0", request={},
+                           status="completed", created_at=_iso(age + 1)))
+    store.create(ExportJob(export_id=young_id, project="p", export_format="nuscenes_v1.0", request={},
+                           status="completed", created_at=_iso(age - 1)))
+    archives = {i: pipeline_env.export_root / f"{i}.zip" for i in (old_id, young_id)}
+    for path in archives.values():
+        path.write_text("x")
     log = tmp_path / "beat.log"
     with open(log, "wb") as out:
-        beat = subprocess.Popen(beat_command(tmp_path / "schedule"), cwd=REPO_ROOT, env=pipeline_env.env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        beat = subprocess.Popen(beat_command(tmp_path / "schedule"), cwd=REPO_ROOT,
+                                env={**pipeline_env.env, "NPX_CLEANUP_INTERVAL_S": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "beat: Starting" in log.read_text() or beat.poll() is not None, 30, 0.2,
-                   what="beat to start")
+        wait_until(lambda: beat.poll() is not None or store.find(old_id) is None, 60, 0.2,
+                   what="beat's cleanup to remove the old export")
         assert beat.poll() is None, log.read_text()
+        assert not archives[old_id].exists()
+        assert store.find(young_id) is not None and archives[young_id].exists()
+        assert "Sending due task cleanup-old-exports (export.beat.cleanup)" in log.read_text()
     finally:
         beat.terminate()
         beat.wait(20)
+        store.delete(old_id)
+        store.delete(young_id)
+        archives[young_id].unlink(missing_ok=True)
 
 
 # --- embedded Redis -----------------------------------------------------------------------------------------
