@@ -93,6 +93,12 @@ def _setup_logging(loglevel=None, **_kwargs) -> None:
     configure_logging(get_settings().log_format, loglevel or "INFO")
 
 
+@signals.celeryd_init.connect
+def _early_worker_logging(**_kwargs) -> None:
+    """A worker warns (running as root, ...) before it sets its logging up: those warnings are log lines too."""
+    _setup_logging()
+
+
 @signals.task_prerun.connect
 def _fresh_log_context(**_kwargs) -> None:
     """A worker process runs many tasks: none inherits the previous one's export_id/stage/batch/frame."""

@@ -134,6 +134,11 @@ def test_the_chain_continues_with_compress_after_the_chord_that_replaced_discove
     assert sum(r.result["frames"] for r in convert) == FRAMES
     packed = AsyncResult(canvas.compress_task_id(export_id))
     assert packed.state == "SUCCESS" and packed.result["path"].endswith(f"{export_id}.zip")
+    # results carry paths and counts, never tables: small, flat JSON whatever the export's size
+    assert all(set(r.result) == {"batch", "frames", "annotations", "warnings"} for r in convert)
+    assert set(merged.result) == {"frames", "annotations", "counts", "warnings"}
+    assert all(isinstance(v, int) for v in merged.result["counts"].values())
+    assert max(len(json.dumps(r.result)) for r in (*convert, merged, packed)) < 2048
 
 
 def worker_log_lines(worker) -> list[dict]:
@@ -142,6 +147,16 @@ def worker_log_lines(worker) -> list[dict]:
         if text.startswith("{"):
             lines.append(json.loads(text))
     return lines
+
+
+def test_the_worker_log_is_json_but_for_celerys_banner(completed_run, celery_worker):
+    """Besides the banner Celery prints on stdout at start, every line is a JSON object: warnings emitted
+    before the worker set its logging up (running as root) included."""
+    text = celery_worker.log_path.read_text(errors="replace").splitlines()
+    ready = next(i for i, line in enumerate(text) if line.startswith("{") and " ready." in line)
+    assert all(line.startswith("{") for line in text[ready:] if line.strip()), \
+        [line for line in text[ready:] if line.strip() and not line.startswith("{")][:5]
+    assert not [line for line in text if "Warning" in line and not line.startswith("{")]
 
 
 def test_every_worker_log_line_of_an_export_carries_its_export_id(completed_run, celery_worker):
