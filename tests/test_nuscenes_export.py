@@ -138,6 +138,9 @@ def test_every_lidar_file_loads_and_keeps_every_point_in_the_sensor_frame(export
         source = read_points_xyzir(clouds[sd["timestamp"]])
         assert cloud.points.shape == (4, len(source))
         np.testing.assert_array_equal(cloud.points[:3].T, source[:, :3])
+        raw = np.fromfile(dest / sd["filename"], dtype=np.float32).reshape(-1, 5)  # x y z intensity ring
+        np.testing.assert_array_equal(raw, source)
+    assert source[:, 3].std() > 0  # the synthetic clouds carry intensity (and no ring: 0, as written)
 
 
 def test_every_box_comes_back_in_the_lidar_frame_as_labelled(exported):
