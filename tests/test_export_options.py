@@ -101,7 +101,9 @@ def test_min_points_uses_the_labels_own_count_when_it_has_one(small_project, tmp
     assert len(first["anns"]) == len(objs)
     others = [s for s in nusc.sample if s["token"] != first["token"]]
     assert all(not s["anns"] for s in others)  # counted points never reach 999 on the small synthetic frames
-    assert run.merged.filtered["min_points"] > 0
+    total = sum(len(o) for o in label_files(small_project).values())
+    assert run.merged.annotations == len(objs)
+    assert run.merged.filtered == {"min_points": total - len(objs)}
 
 
 def test_confidence_threshold_drops_low_scores_and_keeps_labels_without_one(small_project, tmp_path):
@@ -129,18 +131,31 @@ def test_confidence_threshold_drops_low_scores_and_keeps_labels_without_one(smal
     assert exported == expected and 0 < len(expected) < len(objs)
 
 
-def test_bbox_size_filter_bounds_length_width_and_height(synth_project, tmp_path):
-    run = export(synth_project, tmp_path / "ds",
-                 annotation_filter={"bbox_size_filter": {"min_length": 3.0, "max_height": 3.0}})
+SCALE_AXIS = {"length": "x", "width": "y", "height": "z"}
+SIZE_INDEX = {"width": 0, "length": 1, "height": 2}  # nuScenes size is [w, l, h]
+
+
+@pytest.mark.parametrize("bounds", [{"min_length": 3.0, "max_height": 3.0}, {"max_length": 4.2, "min_height": 1.6}],
+                         ids=["min_length+max_height", "max_length+min_height"])
+def test_bbox_size_filter_bounds_length_width_and_height(synth_project, tmp_path, bounds):
+    run = export(synth_project, tmp_path / "ds", annotation_filter={"bbox_size_filter": bounds})
     nusc = NuScenes(VERSION, str(tmp_path / "ds"), verbose=False)
+
+    def passes(name: str, value: float) -> bool:
+        kind, dim = name.split("_")
+        return value >= bounds[name] if kind == "min" else value <= bounds[name]
+
     labels = [o["psr"]["scale"] for objs in label_files(synth_project).values() for o in objs]
-    keep = [s for s in labels if s["x"] >= 3.0 and s["z"] <= 3.0]
-    assert 0 < len(keep) < len(labels)
+    ok = {name: [passes(name, s[SCALE_AXIS[name.split("_")[1]]]) for s in labels] for name in bounds}
+    keep = [all(flags) for flags in zip(*ok.values())]
+    assert 0 < sum(keep) < len(labels)
+    for name in bounds:  # each bound alone removes labels the other keeps
+        others = [all(ok[n][i] for n in bounds if n != name) for i in range(len(labels))]
+        assert sum(others) > sum(keep), name
     for a in nusc.sample_annotation:
-        w, l, h = a["size"]
-        assert l >= 3.0 and h <= 3.0
-    assert run.merged.annotations == len(keep)
-    assert run.merged.filtered == {"bbox_size_filter": len(labels) - len(keep)}
+        assert all(passes(name, a["size"][SIZE_INDEX[name.split("_")[1]]]) for name in bounds), a["size"]
+    assert len(nusc.sample_annotation) == run.merged.annotations == sum(keep)
+    assert run.merged.filtered == {"bbox_size_filter": len(labels) - sum(keep)}
 
 
 def test_bbox_size_filter_bounds_width_from_both_sides_and_height_from_below(synth_project, tmp_path):

@@ -558,6 +558,9 @@ def test_sweeps_hang_on_the_following_sample_and_floats_are_rounded(small_projec
     assert filled["timestamp"] == int(STEM[3]) // 1000 and filled["filename"].startswith("samples/")
     sweeps = [sd for sd in nusc.sample_data if not sd["is_key_frame"]]
     assert len(sweeps) == 3 * 3  # frames 1, 3, 5: lidar + 2 cameras
+    assert run.merged.counts["sweeps"] == len(sweeps)
+    assert run.merged.counts["key_frame_sample_data"] == len(nusc.sample_data) - len(sweeps) == 3 * 3
+    assert (run.merged.frames, run.merged.counts["samples"], run.merged.counts["sample_data"]) == (6, 3, 18)
     for sd in sweeps:
         assert sd["filename"].startswith(f"sweeps/{sd['channel']}/")
         following = [s for s in samples if s["timestamp"] > sd["timestamp"]]
