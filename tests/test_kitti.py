@@ -509,6 +509,11 @@ def test_every_calib_file_has_kittis_seven_matrices_in_order(export, projects, e
     expected = np.eye(4) if export.endswith("ego") else np.linalg.inv(sensor_to_ego(project, "lidar-fusion"))
     np.testing.assert_allclose(calib["Tr_imu_to_velo"], expected[:3], atol=1e-9)
     np.testing.assert_allclose(calib["R0_rect"], np.eye(3))
+    # one camera, unrectified: every P is [K | 0] with K the reference camera's intrinsic (stereo baselines 0)
+    for name in ("P0", "P1", "P3"):
+        np.testing.assert_array_equal(calib[name], calib["P2"], err_msg=name)
+    np.testing.assert_array_equal(calib["P2"][:, 3], 0)
+    assert calib["P2"][0, 0] > 100 and calib["P2"][2].tolist() == [0, 0, 1, 0]
 
 
 def test_coordinate_precision_sets_the_decimals_of_label_geometry(projects, exports, tmp_path):
