@@ -74,13 +74,13 @@ class Execution:
     def claim(self) -> None:
         """Hold the lease, or raise ``DuplicateDelivery`` (after sending the task again when it runs
         elsewhere)."""
-        if self.store.run_done(self.export_id, self.key):
-            log.info("duplicate delivery dropped", task=self.key, reason="the task has succeeded")
-            raise DuplicateDelivery()
         current = self.store.claim_run(self.export_id, self.key, self.holder, LEASE_TTL)
-        if current != self.holder and holder_gone(current):
+        if current not in (self.holder, "") and holder_gone(current):
             log.info("lease taken over", task=self.key, gone=current)
             current = self.store.claim_run(self.export_id, self.key, self.holder, LEASE_TTL, take_from=current)
+        if current == "":
+            log.info("duplicate delivery dropped", task=self.key, reason="the task has succeeded")
+            raise DuplicateDelivery()
         if current != self.holder:
             self.task.signature_from_request(self.task.request, countdown=RECHECK_AFTER).apply_async()
             log.info("duplicate delivery deferred", task=self.key, running=current, recheck_in_s=RECHECK_AFTER)

@@ -146,8 +146,9 @@ return current
 
 
 # Take the lease when it is free, already ours (a refresh), or held by ARGV[3], a holder known to be gone.
-# Returns the holder after the call: ARGV[1] when taken.
+# Returns the holder after the call: ARGV[1] when taken; '' when the task (ARGV[4]) is recorded done.
 _CLAIM_RUN = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return '' end
 local current = redis.call('GET', KEYS[1])
 if current == false or current == ARGV[1] or current == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
@@ -304,18 +305,16 @@ class JobStore:
 
     def claim_run(self, export_id: str, task_key: str, holder: str, ttl_s: float, take_from: str = "") -> str:
         """Take (or refresh) the lease of ``task_key``'s execution for ``ttl_s``; ``take_from`` names a holder
-        known to be gone whose lease may be taken over. Returns the holder after the call."""
-        current = self.script(_CLAIM_RUN)(keys=[self.run_key(export_id, task_key)],
-                                          args=[holder, int(ttl_s * 1000), take_from])
+        known to be gone whose lease may be taken over. Returns the holder after the call, or "" when the task
+        is recorded done (checked in the same step, so a task finishing meanwhile is never started again)."""
+        current = self.script(_CLAIM_RUN)(keys=[self.run_key(export_id, task_key), self.done_key(export_id)],
+                                          args=[holder, int(ttl_s * 1000), take_from, task_key])
         return _text(current)
 
     def release_run(self, export_id: str, task_key: str, holder: str, done: bool) -> None:
         """Give the lease back (if still ``holder``'s) and, when ``done``, record the task as succeeded."""
         self.script(_RELEASE_RUN)(keys=[self.run_key(export_id, task_key), self.done_key(export_id)],
                                   args=[holder, "1" if done else "0", task_key, STOP_FLAG_TTL])
-
-    def run_done(self, export_id: str, task_key: str) -> bool:
-        return bool(self.client.sismember(self.done_key(export_id), task_key))
 
     def forget_done(self, export_id: str) -> None:
         """For a rerun from a stage: its tasks (same ids) run again."""

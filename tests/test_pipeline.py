@@ -517,13 +517,14 @@ def test_one_execution_per_task_a_gone_holder_is_taken_over_and_a_done_task_is_d
     first.claim()  # the lease of a process gone from this host is taken over at once
     assert store.claim_run(export_id, key, "another:1:x", 60) == first.holder  # held: nobody else gets it
     first.release(done=True)
+    assert store.claim_run(export_id, key, "another:1:x", 60) == ""  # done: nobody takes it again
     with pytest.raises(DuplicateDelivery):  # succeeded: a later delivery is dropped
         Execution(store, export_id, task).claim()
     store.forget_done(export_id)  # a rerun from a stage
     again = Execution(store, export_id, task)
     again.claim()
     again.release(done=False)
-    assert not store.run_done(export_id, key) and store.claim_run(export_id, key, "another:1:x", 1) == "another:1:x"
+    assert store.claim_run(export_id, key, "another:1:x", 1) == "another:1:x"  # neither held nor done
     store.delete(export_id)
 
 
