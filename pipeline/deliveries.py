@@ -45,7 +45,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it runs, as another user
     return True
 
 
@@ -69,7 +69,6 @@ class Execution:
         self.holder = f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._held = False
         self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
 
     def claim(self) -> None:
         """Hold the lease, or raise ``DuplicateDelivery`` (after sending the task again when it runs
@@ -86,8 +85,7 @@ class Execution:
             log.info("duplicate delivery deferred", task=self.key, running=current, recheck_in_s=RECHECK_AFTER)
             raise DuplicateDelivery()
         self._held = True
-        self._refresher = threading.Thread(target=self._refresh, name=f"lease {self.key}", daemon=True)
-        self._refresher.start()
+        threading.Thread(target=self._refresh, name=f"lease {self.key}", daemon=True).start()
 
     def _refresh(self) -> None:
         while not self._stop.wait(LEASE_TTL / 3):
