@@ -528,6 +528,29 @@ def test_one_execution_per_task_a_gone_holder_is_taken_over_and_a_done_task_is_d
     store.delete(export_id)
 
 
+def test_a_running_execution_keeps_its_lease_past_the_ttl(pipeline_env, monkeypatch):
+    """The lease lapses LEASE_TTL after its holder stops refreshing it, never while the task runs."""
+    import uuid
+    from types import SimpleNamespace
+
+    from pipeline import deliveries
+    from pipeline.jobs import job_store
+
+    monkeypatch.setattr(deliveries, "LEASE_TTL", 1.5)  # refreshed every 0.5 s
+    store, export_id = job_store(), str(uuid.uuid4())
+    task = SimpleNamespace(name="export.compress", request=SimpleNamespace(id=f"{export_id}-compress"))
+    key = f"export.compress:{export_id}-compress"
+    running = deliveries.Execution(store, export_id, task)
+    running.claim()
+    try:
+        time.sleep(4.0)  # well past the TTL
+        assert store.claim_run(export_id, key, "another:1:x", 60) == running.holder
+    finally:
+        running.release(done=False)
+    assert store.claim_run(export_id, key, "another:1:x", 1) == "another:1:x"
+    store.delete(export_id)
+
+
 def test_a_batch_that_keeps_killing_its_worker_fails_the_export_naming_batch_and_frame(project, pipeline_env,
                                                                                          celery_worker):
     """A poison batch (its process dies every time: OOM, segfault) is retried max_retries times, then the
