@@ -131,20 +131,17 @@ def pipeline_env(tmp_path_factory) -> PipelineEnv:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def celery_worker(pipeline_env: PipelineEnv) -> WorkerProcess:
-    """One worker (prefork, 2 processes) consuming both export queues, started as the deployment starts it."""
+def start_worker(env: dict, hostname: str, log_path: Path, concurrency: int = WORKER_CONCURRENCY,
+                 extra: tuple[str, ...] = ()) -> WorkerProcess:
+    """A worker subprocess consuming both export queues, started as the deployment starts it, once it answers
+    a ping (the app must point at the same broker as ``env``)."""
     from pipeline.celery_app import app
-
-    hostname = f"npx-test-{_os.getpid()}@localhost"
-    log_path = pipeline_env.root / "worker.log"
     from pipeline.cli import worker_command
 
     # `nextpoints-export worker` (start scripts, supervisord, docker-compose) runs this same command line
-    cmd = worker_command(WORKER_CONCURRENCY, "info", hostname,
-                         extra=["-P", "prefork", "--without-heartbeat", "--without-gossip", "--without-mingle"])
+    cmd = worker_command(concurrency, "info", hostname, extra=list(extra))
     with open(log_path, "ab") as log:
-        process = _subprocess.Popen(cmd, cwd=REPO_ROOT, env=pipeline_env.env, stdout=log, stderr=_subprocess.STDOUT,
+        process = _subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=_subprocess.STDOUT,
                                     start_new_session=True)
     worker = WorkerProcess(process, hostname, log_path)
 
@@ -155,16 +152,35 @@ def celery_worker(pipeline_env: PipelineEnv) -> WorkerProcess:
 
     try:
         wait_until(ready, timeout=60, interval=0.2, what="the worker to answer a ping")
+    except BaseException:
+        stop_worker(worker)
+        raise
+    return worker
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    """Warm shutdown (running tasks finish), SIGKILL after 30 s; then the pool's children, should the main
+    process have died first."""
+    process = worker.process
+    if process.poll() is None:
+        process.send_signal(_signal.SIGTERM)
+        try:
+            process.wait(30)
+        except _subprocess.TimeoutExpired:
+            _os.killpg(process.pid, _signal.SIGKILL)
+            process.wait()
+    try:
+        _os.killpg(process.pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def celery_worker(pipeline_env: PipelineEnv) -> WorkerProcess:
+    """One worker (prefork, 2 processes) consuming both export queues."""
+    worker = start_worker(pipeline_env.env, f"npx-test-{_os.getpid()}@localhost", pipeline_env.root / "worker.log",
+                          extra=("-P", "prefork", "--without-heartbeat", "--without-gossip", "--without-mingle"))
+    try:
         yield worker
     finally:
-        if process.poll() is None:
-            process.send_signal(_signal.SIGTERM)  # warm shutdown: the main process lets running tasks finish
-            try:
-                process.wait(30)
-            except _subprocess.TimeoutExpired:
-                _os.killpg(process.pid, _signal.SIGKILL)
-                process.wait()
-        try:  # the pool's children, should the main process have died first
-            _os.killpg(process.pid, _signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_worker(worker)

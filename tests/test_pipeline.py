@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from nuscenes import NuScenes
 
-from conftest import REPO_ROOT, LARGE_EXPORT_FRAMES, PIPELINE_BATCH_SIZE, wait_until
+from conftest import LARGE_EXPORT_FRAMES, PIPELINE_BATCH_SIZE, start_worker, stop_worker, wait_until
 from stages.request import ExportRequest
 
 FRAMES = 50
@@ -440,8 +440,7 @@ def own_redis_and_worker(pipeline_env, tmp_path, monkeypatch):
     every connection to its Redis: the session's worker and this process's pooled connections stay whole."""
     import redis
 
-    from pipeline.celery_app import app, reconfigure
-    from pipeline.cli import worker_command
+    from pipeline.celery_app import reconfigure
     from pipeline.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis").start()
@@ -449,21 +448,14 @@ def own_redis_and_worker(pipeline_env, tmp_path, monkeypatch):
     monkeypatch.setenv("CELERY_RESULT_BACKEND", server.url)
     reconfigure()
     env = {**pipeline_env.env, "CELERY_BROKER_URL": server.url, "CELERY_RESULT_BACKEND": server.url}
-    hostname = f"npx-drops-{os.getpid()}@localhost"
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "ab") as log:
-        worker = subprocess.Popen(worker_command(2, "info", hostname, extra=["--without-gossip", "--without-mingle"]),
-                                  cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
     try:
-        wait_until(lambda: app.control.ping(destination=[hostname], timeout=0.5), 60, 0.2, what="the worker")
-        yield redis.Redis(unix_socket_path=str(server.socket_path)), log_path
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
+        worker = start_worker(env, f"npx-drops-{os.getpid()}@localhost", tmp_path / "worker.log",
+                              extra=("--without-gossip", "--without-mingle"))
         try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+            yield redis.Redis(unix_socket_path=str(server.socket_path)), worker.log_path
+        finally:
+            stop_worker(worker)
+    finally:
         monkeypatch.undo()
         reconfigure()
         server.stop()
